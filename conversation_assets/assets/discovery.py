@@ -1,0 +1,185 @@
+"""The ``discovered_sessions`` asset and its checks."""
+
+import warnings
+from datetime import UTC, date, datetime, timedelta
+from typing import Any, Literal
+
+import dagster as dg
+from pydantic import Field
+
+from conversation_assets.discovery import (
+    CrewOutcome,
+    DiscoveryReport,
+    discover,
+    load_crews,
+    recount_sessions,
+)
+from conversation_assets.partitions import daily_partitions
+from conversation_assets.queries import query
+from resources.postgres import PostgresResource
+
+RECOUNT_SAMPLE_PER_CREW = 25
+
+
+class DiscoveryConfig(dg.Config):
+    mode: Literal["incremental", "full"] = Field(
+        default="full",
+        description=(
+            "full: catch up, then recompute the partition's sessions exactly from the "
+            "source (what a backfill wants). incremental: only read rows past each "
+            "crew's watermark (what the sensor and the schedule launch)."
+        ),
+    )
+    crews: list[str] = Field(
+        default_factory=list, description="Only these crew codes (every enabled crew if empty)."
+    )
+    batch_rows: int = Field(default=200_000, gt=0, description="Source rows read per transaction.")
+
+
+def partition_keys_for(days: set[date]) -> list[str]:
+    """Days that are partitions (sessions before the partitions' start have none)."""
+    first = daily_partitions.start.date()
+    last = datetime.now(UTC).date()
+    return sorted(day.isoformat() for day in days if first <= day <= last)
+
+
+def _crew_metadata(outcome: CrewOutcome) -> dict[str, object]:
+    figures = outcome.figures
+    return {
+        "client": outcome.client_code,
+        "table": outcome.histories_table,
+        "rows_scanned": figures.rows_scanned,
+        "rejected_rows": figures.rejected_rows,
+        "sessions_new": figures.sessions_new,
+        "sessions_updated": figures.sessions_updated,
+        "sessions_deleted": figures.sessions_deleted,
+        "watermark_before": outcome.watermark_before,
+        "watermark_after": outcome.watermark_after,
+        "pending_ids": outcome.pending_after,
+        "recomputed": outcome.reconciled,
+        "ms": round(outcome.seconds * 1000, 1),
+    }
+
+
+def _report_metadata(report: DiscoveryReport) -> dict[str, Any]:
+    return {
+        "rows_scanned": report.total("rows_scanned"),
+        "rejected_rows": report.total("rejected_rows"),
+        "sessions_new": report.total("sessions_new"),
+        "sessions_updated": report.total("sessions_updated"),
+        "sessions_deleted": report.total("sessions_deleted"),
+        "crews_succeeded": len(report.succeeded),
+        "crews_failed": len(report.failed),
+        "crew_errors": dg.MetadataValue.json({o.crew_code: o.error for o in report.failed}),
+        "watermarks": dg.MetadataValue.json(
+            {o.crew_code: [o.watermark_before, o.watermark_after] for o in report.succeeded}
+        ),
+        "crews": dg.MetadataValue.json({o.crew_code: _crew_metadata(o) for o in report.succeeded}),
+        "touched_partitions": dg.MetadataValue.json(partition_keys_for(report.touched_days)),
+        "duration_ms": round(report.seconds * 1000, 1),
+    }
+
+
+# BackfillPolicy is beta in Dagster 1.13. We rely on it deliberately (a backfill of
+# any range is one run, so one scan of each table) and keep the load quiet.
+warnings.filterwarnings("ignore", message="Parameter `backfill_policy`", category=dg.BetaWarning)
+
+
+@dg.asset(
+    partitions_def=daily_partitions,
+    backfill_policy=dg.BackfillPolicy.single_run(),
+    freshness_policy=dg.FreshnessPolicy.time_window(
+        warn_window=timedelta(minutes=10), fail_window=timedelta(minutes=30)
+    ),
+    pool="conversation_db",
+    kinds={"postgres"},
+    group_name="discovery",
+)
+def discovered_sessions(
+    context: dg.AssetExecutionContext, config: DiscoveryConfig, postgres: PostgresResource
+) -> dg.MaterializeResult:
+    """Chat sessions found in every crew's histories table, by the UTC day they started.
+
+    Incremental runs read only rows past each crew's watermark and are exact under
+    concurrent writers; full runs (backfills) recompute the partition's sessions from
+    the source, soft-deleting those whose rows are gone.
+    """
+    window = context.partition_time_window
+    report = discover(
+        postgres.pool,
+        mode=config.mode,
+        window=(window.start, window.end),
+        crew_codes=config.crews or None,
+        batch_rows=config.batch_rows,
+        progress=context.log.info,
+    )
+    for outcome in report.failed:
+        context.log.error(outcome.error)
+    if report.outcomes and not report.succeeded:
+        raise dg.Failure(
+            description="discovery failed for every crew",
+            metadata={
+                "crew_errors": dg.MetadataValue.json({o.crew_code: o.error for o in report.failed})
+            },
+        )
+    metadata = _report_metadata(report)
+    metadata["pool"] = dg.MetadataValue.json(postgres.pool_stats())
+    # An incremental run can change sessions of other days than its own (a session
+    # that started yesterday got a new message): announce those partitions too, so
+    # what depends on them sees the change.
+    own = set(context.partition_keys)
+    for key in partition_keys_for(report.touched_days):
+        if key not in own:
+            context.log_event(
+                dg.AssetMaterialization(
+                    asset_key=context.asset_key,
+                    partition=key,
+                    description=f"sessions changed by run {context.run_id}",
+                    metadata={"mode": config.mode},
+                )
+            )
+    return dg.MaterializeResult(metadata={"mode": config.mode, **metadata})
+
+
+@dg.asset_check(asset=discovered_sessions, description="Recount sampled sessions from the source.")
+def discovered_sessions_match_source(postgres: PostgresResource) -> dg.AssetCheckResult:
+    """Recompute a random sample of each crew's sessions exactly, in a transaction
+    that is rolled back: any session the recompute would change is a difference."""
+    differences: dict[str, list[str]] = {}
+    sampled = 0
+    with postgres.connection() as conn:
+        crews = load_crews(conn)
+    for crew in crews:
+        with postgres.connection() as conn:
+            sample = [
+                row[0]
+                for row in conn.execute(
+                    query("sample_sessions"),
+                    {"crew_code": crew.crew_code, "sample_size": RECOUNT_SAMPLE_PER_CREW},
+                )
+            ]
+            if not sample:
+                continue
+            sampled += len(sample)
+            changed = recount_sessions(conn, crew, sample)
+        if changed:
+            differences[crew.crew_code] = changed
+    return dg.AssetCheckResult(
+        passed=not differences,
+        metadata={
+            "sessions_sampled": sampled,
+            "sessions_differing": sum(len(v) for v in differences.values()),
+            "differences": dg.MetadataValue.json(differences),
+        },
+    )
+
+
+@dg.asset_check(asset=discovered_sessions, description="Every enabled crew's table is readable.")
+def crews_discoverable(postgres: PostgresResource) -> dg.AssetCheckResult:
+    with postgres.connection() as conn:
+        rows = conn.execute(query("crew_errors")).fetchall()
+    return dg.AssetCheckResult(
+        passed=not rows,
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={"crew_errors": dg.MetadataValue.json(dict(rows))},
+    )

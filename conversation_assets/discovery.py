@@ -1,0 +1,468 @@
+"""Exact, incremental discovery of chat sessions from crews' histories tables.
+
+Each crew's histories table is read past a per-crew watermark (``id``, the one
+column every known shape has), under a per-crew advisory lock and one
+REPEATABLE READ snapshot per batch, so the rows read and the watermark that
+covers them commit together. Ids below the watermark that were not visible yet
+(a transaction still open, rolled back, or deleted) are kept as *pending* and
+re-probed by primary key until PostgreSQL's oldest running transaction is newer
+than the run that saw them missing: only then can nothing commit into them.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from typing import Any, Literal
+
+import psycopg
+from psycopg import sql
+from psycopg.rows import dict_row
+from psycopg_pool import ConnectionPool
+
+from conversation_assets.queries import query, text
+from resources.postgres import repeatable_read
+
+Mode = Literal["incremental", "full"]
+
+_TABLE_PART = re.compile(r"^[a-z0-9_]+$")
+_INTEGER_TYPES = {"int2", "int4", "int8"}
+_TIMESTAMP_TYPES = {"timestamptz", "timestamp"}
+_JSON_TYPES = {"jsonb", "json"}
+
+log = logging.getLogger(__name__)
+
+
+class CrewSourceError(Exception):
+    """A crew's histories table cannot be read; the message names crew and table."""
+
+
+@dataclass(frozen=True)
+class Crew:
+    crew_code: str
+    client_code: str
+    histories_table: str
+    high_water_id: int = 0
+    pending_ids: str = "{}"
+
+
+@dataclass(frozen=True)
+class Source:
+    """A validated histories table and how to read its timestamps."""
+
+    crew: Crew
+    table: sql.Identifier
+    relid: int
+    created_at: sql.Composable
+    has_created_at: bool
+
+    @property
+    def time_source(self) -> str:
+        """Where session times come from (see discovered_sessions.time_source)."""
+        return "created_at" if self.has_created_at else "discovery"
+
+    def query(self, name: str) -> sql.Composed:
+        return query(
+            name,
+            histories=self.table,
+            created_at=self.created_at,
+            merge=sql.SQL(text("merge_sessions")),  # type: ignore[arg-type]
+        )
+
+
+def histories_identifier(crew_code: str, table_name: str) -> sql.Identifier:
+    """Seed 000's rule, per part: ``^[a-z0-9_]+$``, optionally ``schema.table``."""
+    parts = (table_name or "").split(".")
+    if len(parts) > 2 or not all(_TABLE_PART.match(part) for part in parts):
+        raise CrewSourceError(
+            f"crew {crew_code!r}: histories table name {table_name!r} is invalid "
+            "(expected lowercase letters, digits and underscores, optionally schema.table)"
+        )
+    return sql.Identifier(*parts)
+
+
+def inspect_source(conn: psycopg.Connection, crew: Crew) -> Source:
+    """Validate the crew's table and find out whether it has ``created_at``."""
+    identifier = histories_identifier(crew.crew_code, crew.histories_table)
+    row = conn.execute("SELECT to_regclass(%s)::oid", (crew.histories_table,)).fetchone()
+    if row is None or row[0] is None:
+        raise CrewSourceError(
+            f"crew {crew.crew_code!r}: histories table {crew.histories_table!r} does not exist"
+        )
+    relid = int(row[0])
+    columns = dict(conn.execute(query("source_columns"), {"relid": relid}).fetchall())
+    problems = []
+    if columns.get("id") not in _INTEGER_TYPES:
+        problems.append("an integer `id` column")
+    if "session_id" not in columns:
+        problems.append("a `session_id` column")
+    if columns.get("message") not in _JSON_TYPES:
+        problems.append("a json or jsonb `message` column")
+    if problems:
+        raise CrewSourceError(
+            f"crew {crew.crew_code!r}: histories table {crew.histories_table!r} lacks "
+            + ", ".join(problems)
+        )
+    created_type = columns.get("created_at")
+    if created_type == "timestamptz":
+        created_at: sql.Composable = sql.Identifier("h", "created_at")
+    elif created_type == "timestamp":
+        # A naive timestamp is read as UTC, whatever the session's TimeZone.
+        created_at = sql.Composed(
+            [sql.Identifier("h", "created_at"), sql.SQL(" AT TIME ZONE 'UTC'")]
+        )
+    else:
+        created_at = sql.SQL("NULL::timestamptz")
+    return Source(
+        crew=crew,
+        table=identifier,
+        relid=relid,
+        created_at=created_at,
+        has_created_at=created_type in _TIMESTAMP_TYPES,
+    )
+
+
+def load_crews(conn: psycopg.Connection, crew_codes: Sequence[str] | None = None) -> list[Crew]:
+    rows = conn.execute(
+        query("crews_with_state"), {"crew_codes": list(crew_codes) if crew_codes else None}
+    ).fetchall()
+    return [Crew(*row) for row in rows]
+
+
+@dataclass
+class StepFigures:
+    rows_scanned: int = 0
+    late_rows: int = 0
+    rejected_rows: int = 0
+    sessions_new: int = 0
+    sessions_updated: int = 0
+    sessions_deleted: int = 0
+    touched_days: set[date] = field(default_factory=set)
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.rows_scanned += row["fresh_rows"] + row["late_rows"]
+        self.late_rows += row["late_rows"]
+        self.rejected_rows += row["rejected_rows"]
+        self.sessions_new += row["sessions_new"]
+        self.sessions_updated += row["sessions_updated"]
+        self.sessions_deleted += row["sessions_deleted"]
+        self.touched_days.update(utc_day(at) for at in row["touched_starts"] or ())
+
+
+def utc_day(at: datetime) -> date:
+    return at.astimezone(UTC).date()
+
+
+@dataclass
+class CrewOutcome:
+    crew_code: str
+    client_code: str
+    histories_table: str
+    error: str | None = None
+    figures: StepFigures = field(default_factory=StepFigures)
+    watermark_before: int = 0
+    watermark_after: int = 0
+    pending_after: str = "{}"
+    reconciled: bool = False
+    seconds: float = 0.0
+
+
+@dataclass
+class DiscoveryReport:
+    outcomes: list[CrewOutcome]
+    seconds: float
+
+    @property
+    def failed(self) -> list[CrewOutcome]:
+        return [o for o in self.outcomes if o.error]
+
+    @property
+    def succeeded(self) -> list[CrewOutcome]:
+        return [o for o in self.outcomes if not o.error]
+
+    def total(self, name: str) -> int:
+        return sum(getattr(o.figures, name) for o in self.succeeded)
+
+    @property
+    def touched_days(self) -> set[date]:
+        return set().union(*(o.figures.touched_days for o in self.succeeded))
+
+
+ProgressLog = Callable[[str], None]
+
+
+def _params(source: Source, **values: Any) -> dict[str, Any]:
+    return {
+        "crew_code": source.crew.crew_code,
+        "client_code": source.crew.client_code,
+        "time_source": source.time_source,
+        **values,
+    }
+
+
+def _read_state(conn: psycopg.Connection, crew_code: str) -> dict[str, Any]:
+    with conn.cursor(row_factory=dict_row) as cur:
+        row = cur.execute(query("read_state"), {"crew_code": crew_code}).fetchone()
+    assert row is not None, "ensure_state runs first"
+    return row
+
+
+def _incremental_step(
+    conn: psycopg.Connection, source: Source, state: dict[str, Any], batch_rows: int
+) -> dict[str, Any]:
+    with conn.cursor(row_factory=dict_row) as cur:
+        row = cur.execute(
+            source.query("incremental_step"),
+            _params(
+                source,
+                replace=False,
+                high_water=state["high_water_id"],
+                pending=state["pending_ids"],
+                pending_xid=state["pending_xid"],
+                batch_rows=batch_rows,
+            ),
+        ).fetchone()
+    assert row is not None
+    return row
+
+
+def _recompute(
+    conn: psycopg.Connection,
+    source: Source,
+    *,
+    high_water: int,
+    pending: str,
+    window: tuple[datetime, datetime] | None = None,
+    session_ids: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    everything = window is None and session_ids is None
+    with conn.cursor(row_factory=dict_row) as cur:
+        row = cur.execute(
+            source.query("recompute_sessions"),
+            _params(
+                source,
+                replace=True,
+                high_water=high_water,
+                pending=pending,
+                all_sessions=everything,
+                window_start=window[0] if window else None,
+                window_end=window[1] if window else None,
+                session_ids=list(session_ids) if session_ids is not None else None,
+            ),
+        ).fetchone()
+    assert row is not None
+    return row
+
+
+class _CrewLock:
+    """Session-level advisory lock, taken before any snapshot of the crew."""
+
+    def __init__(self, conn: psycopg.Connection, crew_code: str) -> None:
+        self.conn, self.crew_code = conn, crew_code
+
+    def __enter__(self) -> None:
+        self.conn.execute(query("lock_crew"), {"crew_code": self.crew_code})
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.conn.execute(query("unlock_crew"), {"crew_code": self.crew_code})
+        except psycopg.Error:
+            pass  # the connection is gone, and the lock with it
+
+
+def discover_crew(
+    conn: psycopg.Connection,
+    crew: Crew,
+    *,
+    mode: Mode,
+    window: tuple[datetime, datetime] | None,
+    batch_rows: int,
+    progress: ProgressLog,
+) -> CrewOutcome:
+    """Catch the crew up past its watermark; in ``full`` mode also recompute the
+    sessions starting in ``window`` exactly (all of them when ``window`` is None)."""
+    started = time.monotonic()
+    outcome = CrewOutcome(crew.crew_code, crew.client_code, crew.histories_table)
+    source = inspect_source(conn, crew)
+    conn.execute(query("ensure_state"), {"crew_code": crew.crew_code})
+    with _CrewLock(conn, crew.crew_code):
+        changes_row = conn.execute(query("source_changes"), {"relid": source.relid}).fetchone()
+        changes = int(changes_row[0]) if changes_row else None
+        first = _read_state(conn, crew.crew_code)
+        outcome.watermark_before = first["high_water_id"]
+        reconcile = (
+            mode == "incremental"
+            and first["source_changes"] is not None
+            and changes is not None
+            and changes != first["source_changes"]
+        )
+        while True:
+            with repeatable_read(conn):
+                step = _incremental_step(
+                    conn, source, _read_state(conn, crew.crew_code), batch_rows
+                )
+            outcome.figures.add(step)
+            outcome.watermark_after = step["high_water_id"]
+            outcome.pending_after = step["pending_ids"]
+            if step["fresh_rows"] < batch_rows:
+                break
+            progress(
+                f"crew {crew.crew_code}: watermark {outcome.watermark_after}, "
+                f"{outcome.figures.rows_scanned} rows so far"
+            )
+        if mode == "full" or reconcile:
+            if reconcile:
+                progress(
+                    f"crew {crew.crew_code}: rows of {crew.histories_table} were deleted or "
+                    "updated since the last run; recomputing all its sessions"
+                )
+            # Same snapshot for the last catch-up and the recompute, so the rows
+            # recomputed are exactly those the watermark covers.
+            with repeatable_read(conn):
+                step = _incremental_step(
+                    conn, source, _read_state(conn, crew.crew_code), batch_rows
+                )
+                redo = _recompute(
+                    conn,
+                    source,
+                    high_water=step["high_water_id"],
+                    pending=step["pending_ids"],
+                    window=window if mode == "full" else None,
+                )
+            outcome.figures.add(step)
+            outcome.figures.add(redo)
+            outcome.watermark_after = step["high_water_id"]
+            outcome.pending_after = step["pending_ids"]
+            outcome.reconciled = True
+        # A whole-crew recompute (or the very first run) makes the current
+        # change counter the baseline; a window recompute does not cover it.
+        settled = (
+            reconcile or first["source_changes"] is None or (mode == "full" and window is None)
+        )
+        conn.execute(
+            query("record_success"),
+            {"crew_code": crew.crew_code, "source_changes": changes if settled else None},
+        )
+    outcome.seconds = time.monotonic() - started
+    return outcome
+
+
+def discover(
+    pool: ConnectionPool,
+    *,
+    mode: Mode = "incremental",
+    window: tuple[datetime, datetime] | None = None,
+    crew_codes: Sequence[str] | None = None,
+    batch_rows: int = 200_000,
+    progress: ProgressLog = log.info,
+) -> DiscoveryReport:
+    """Run discovery for every enabled crew (or ``crew_codes``); one crew's
+    failure is recorded and reported, and the others still run."""
+    started = time.monotonic()
+    with pool.connection() as conn:
+        crews = load_crews(conn, crew_codes)
+    outcomes = []
+    for crew in crews:
+        try:
+            with pool.connection() as conn:
+                outcome = discover_crew(
+                    conn, crew, mode=mode, window=window, batch_rows=batch_rows, progress=progress
+                )
+        except (CrewSourceError, psycopg.Error) as error:
+            message = str(error).strip() or type(error).__name__
+            if not isinstance(error, CrewSourceError):
+                message = f"crew {crew.crew_code!r} ({crew.histories_table}): {message}"
+            progress(f"FAILED {message}")
+            outcome = CrewOutcome(crew.crew_code, crew.client_code, crew.histories_table, message)
+            _record_failure(pool, crew.crew_code, message)
+        else:
+            figures = outcome.figures
+            progress(
+                f"crew {crew.crew_code}: {figures.rows_scanned} rows, "
+                f"{figures.sessions_new} new / {figures.sessions_updated} updated / "
+                f"{figures.sessions_deleted} deleted sessions, {figures.rejected_rows} rejected, "
+                f"watermark {outcome.watermark_before} -> {outcome.watermark_after} "
+                f"in {outcome.seconds * 1000:.0f} ms"
+            )
+        outcomes.append(outcome)
+    return DiscoveryReport(outcomes, time.monotonic() - started)
+
+
+def recount_sessions(conn: psycopg.Connection, crew: Crew, session_ids: Sequence[str]) -> list[str]:
+    """Sessions among ``session_ids`` whose stored row differs from an exact
+    recompute from the source (the recompute is rolled back, nothing changes)."""
+    source = inspect_source(conn, crew)
+    with _CrewLock(conn, crew.crew_code), repeatable_read(conn):
+        state = _read_state(conn, crew.crew_code)
+        with conn.transaction(force_rollback=True):
+            row = _recompute(
+                conn,
+                source,
+                high_water=state["high_water_id"],
+                pending=state["pending_ids"],
+                session_ids=session_ids,
+            )
+    return list(row["changed_sessions"] or [])
+
+
+def _record_failure(pool: ConnectionPool, crew_code: str, message: str) -> None:
+    try:
+        with pool.connection() as conn:
+            conn.execute(query("record_failure"), {"crew_code": crew_code, "error": message})
+    except psycopg.Error as error:  # the database itself is unreachable
+        log.warning("could not record failure of crew %s: %s", crew_code, error)
+
+
+# --- What the sensor asks: is there new work, and for which days? -----------
+
+
+@dataclass(frozen=True)
+class CrewWork:
+    crew_code: str
+    max_id: int
+    late_rows: int
+    days: frozenset[date]
+
+
+def probe_new_work(
+    conn: psycopg.Connection, cursor: dict[str, int], progress: ProgressLog = log.info
+) -> tuple[list[CrewWork], list[str]]:
+    """One primary-key probe per crew; for crews with new rows, the days their
+    sessions start on. Returns the work found and the crews that could not be read."""
+    work, problems = [], []
+    for crew in load_crews(conn):
+        seen = max(crew.high_water_id, cursor.get(crew.crew_code, 0))
+        try:
+            identifier = histories_identifier(crew.crew_code, crew.histories_table)
+            row = conn.execute(query("probe_max_id", histories=identifier)).fetchone()
+            max_id = int(row[0]) if row and row[0] is not None else 0
+            late = 0
+            if crew.pending_ids != "{}":
+                late_row = conn.execute(
+                    query("probe_pending", histories=identifier), {"pending": crew.pending_ids}
+                ).fetchone()
+                late = int(late_row[0]) if late_row else 0
+            if max_id <= seen and late == 0:
+                continue
+            source = inspect_source(conn, crew)
+            starts = conn.execute(
+                source.query("new_work_starts"),
+                _params(source, from_id=seen, pending=crew.pending_ids),
+            ).fetchall()
+        except (CrewSourceError, psycopg.Error) as error:
+            problems.append(f"{crew.crew_code}: {str(error).strip()}")
+            continue
+        work.append(
+            CrewWork(
+                crew.crew_code, max(max_id, seen), late, frozenset(utc_day(r[0]) for r in starts)
+            )
+        )
+    return work, problems
+
+
+def days_to_keys(days: Iterable[date]) -> list[str]:
+    return sorted(day.isoformat() for day in days)

@@ -1,0 +1,95 @@
+"""Versioned schema migrations: ``migrations/NNNN_name.up.sql`` and ``.down.sql``.
+
+Applied in order, each in its own transaction with its version recorded, under an
+advisory lock so that concurrent starters never apply one twice.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+from psycopg import sql
+
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+_FILE = re.compile(r"^(\d{4})_(\w+)\.up\.sql$")
+_LOCK_KEY = 7_204_113_001  # any constant: serializes migrators
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    up_sql: str
+    down_sql: str
+
+
+def load_migrations() -> list[Migration]:
+    migrations = []
+    for path in sorted(MIGRATIONS_DIR.glob("*.up.sql")):
+        match = _FILE.match(path.name)
+        if not match:
+            raise ValueError(f"migration file {path.name} is not NNNN_name.up.sql")
+        down = path.with_name(path.name.replace(".up.sql", ".down.sql"))
+        if not down.exists():
+            raise ValueError(f"migration {path.name} has no {down.name}")
+        migrations.append(
+            Migration(int(match[1]), match[2], path.read_text("utf-8"), down.read_text("utf-8"))
+        )
+    return migrations
+
+
+def _ensure_table(conn: psycopg.Connection) -> None:
+    conn.execute(
+        """CREATE TABLE IF NOT EXISTS schema_migrations (
+               version    integer PRIMARY KEY,
+               name       text NOT NULL,
+               applied_at timestamptz NOT NULL DEFAULT now())"""
+    )
+
+
+def applied_versions(conn: psycopg.Connection) -> list[int]:
+    exists = conn.execute("SELECT to_regclass('schema_migrations') IS NOT NULL").fetchone()
+    if not exists or not exists[0]:
+        return []
+    return [row[0] for row in conn.execute("SELECT version FROM schema_migrations ORDER BY 1")]
+
+
+def upgrade(conn: psycopg.Connection, target: int | None = None) -> list[Migration]:
+    """Apply every migration up to ``target`` (all by default); return those applied."""
+    applied: list[Migration] = []
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
+        _ensure_table(conn)
+        done = set(applied_versions(conn))
+        for migration in load_migrations():
+            if migration.version in done or (target is not None and migration.version > target):
+                continue
+            with conn.transaction():
+                conn.execute(sql.SQL(migration.up_sql))  # type: ignore[arg-type]
+                conn.execute(
+                    "INSERT INTO schema_migrations (version, name) VALUES (%s, %s)",
+                    (migration.version, migration.name),
+                )
+            applied.append(migration)
+    return applied
+
+
+def downgrade(conn: psycopg.Connection, target: int) -> list[Migration]:
+    """Reverse every applied migration newer than ``target``, newest first."""
+    reverted: list[Migration] = []
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
+        done = set(applied_versions(conn))
+        for migration in reversed(load_migrations()):
+            if migration.version not in done or migration.version <= target:
+                continue
+            with conn.transaction():
+                conn.execute(sql.SQL(migration.down_sql))  # type: ignore[arg-type]
+                conn.execute(
+                    "DELETE FROM schema_migrations WHERE version = %s", (migration.version,)
+                )
+            reverted.append(migration)
+    return reverted

@@ -1,0 +1,313 @@
+-- Session discovery. Placeholders: {histories} is the crew's table
+-- (psycopg.sql.Identifier), {created_at} is either h.created_at or NULL, and
+-- {merge} is the merge_sessions block below.
+
+-- name: crews_with_state
+SELECT c.crew_code, c.client_code, c.histories_table,
+       coalesce(s.high_water_id, 0) AS high_water_id,
+       coalesce(s.pending_ids, int8multirange())::text AS pending_ids
+FROM crews AS c
+LEFT JOIN crew_discovery_state AS s USING (crew_code)
+WHERE c.enabled AND (%(crew_codes)s::text[] IS NULL OR c.crew_code = ANY(%(crew_codes)s::text[]))
+ORDER BY c.crew_code;
+
+-- name: source_columns
+SELECT a.attname::text, t.typname::text
+FROM pg_attribute AS a
+JOIN pg_type AS t ON t.oid = a.atttypid
+WHERE a.attrelid = %(relid)s AND a.attnum > 0 AND NOT a.attisdropped;
+
+-- name: source_changes
+-- Deleted or updated source rows since stats began: when this moves, an
+-- incremental run reconciles the crew (inserts alone never need it).
+SELECT coalesce(n_tup_del + n_tup_upd, 0) FROM pg_stat_user_tables WHERE relid = %(relid)s;
+
+-- name: lock_crew
+-- Session-level, taken before the snapshot: one discovery writer per crew at a
+-- time (sensor runs, schedule runs and backfills may overlap). Released on
+-- unlock or when the connection ends, so a killed run never leaves it behind.
+SELECT pg_advisory_lock(hashtextextended('conversation_discovery:' || %(crew_code)s, 0));
+
+-- name: unlock_crew
+SELECT pg_advisory_unlock(hashtextextended('conversation_discovery:' || %(crew_code)s, 0));
+
+-- name: ensure_state
+INSERT INTO crew_discovery_state (crew_code) VALUES (%(crew_code)s)
+ON CONFLICT (crew_code) DO NOTHING;
+
+-- name: read_state
+SELECT high_water_id, pending_ids::text, pending_xid::text, source_changes
+FROM crew_discovery_state WHERE crew_code = %(crew_code)s;
+
+-- name: record_success
+UPDATE crew_discovery_state
+SET last_run_at = now(), last_success_at = now(), last_error = NULL,
+    source_changes = coalesce(%(source_changes)s, source_changes), updated_at = now()
+WHERE crew_code = %(crew_code)s;
+
+-- name: record_failure
+INSERT INTO crew_discovery_state (crew_code, last_run_at, last_error)
+SELECT crew_code, now(), %(error)s FROM crews WHERE crew_code = %(crew_code)s
+ON CONFLICT (crew_code) DO UPDATE
+SET last_run_at = now(), last_error = EXCLUDED.last_error, updated_at = now();
+
+-- name: merge_sessions
+-- Expects a CTE `src` (id, session_id, message, created_at). Classifies rows,
+-- records rejects, aggregates per session and upserts: added to the stored
+-- aggregates when %(replace)s is false (incremental), replacing them when true
+-- (exact recompute). Unchanged rows are not rewritten.
+checked AS NOT MATERIALIZED (
+    SELECT src.id, src.session_id, src.message, src.created_at,
+           discovery_reject_reason(src.session_id, src.message) AS reject_reason
+    FROM src
+),
+rejected AS (
+    INSERT INTO discovery_rejects AS r (crew_code, message_id, session_id, reason, message_excerpt)
+    SELECT %(crew_code)s, c.id, left(c.session_id, 300), c.reject_reason, left(c.message::text, 500)
+    FROM checked AS c
+    WHERE c.reject_reason IS NOT NULL
+    ON CONFLICT (crew_code, message_id) DO UPDATE
+    SET session_id = EXCLUDED.session_id, reason = EXCLUDED.reason,
+        message_excerpt = EXCLUDED.message_excerpt, last_seen_at = now()
+    RETURNING r.message_id
+),
+batch AS (
+    SELECT c.session_id,
+           count(*)::int AS message_count,
+           (count(*) FILTER (WHERE c.message ->> 'type' = 'human'))::int AS human_count,
+           (count(*) FILTER (WHERE c.message ->> 'type' = 'ai'))::int AS ai_count,
+           min(c.id) AS first_id,
+           max(c.id) AS last_id,
+           coalesce(min(c.created_at), now()) AS first_at,
+           coalesce(max(c.created_at), now()) AS last_at
+    FROM checked AS c
+    WHERE c.reject_reason IS NULL
+    GROUP BY c.session_id
+),
+final AS (
+    SELECT b.session_id,
+           d.session_id IS NULL AS is_new,
+           d.started_at AS previous_started_at,
+           CASE WHEN k.merge THEN d.message_count + b.message_count ELSE b.message_count END
+               AS message_count,
+           CASE WHEN k.merge THEN d.human_message_count + b.human_count ELSE b.human_count END
+               AS human_count,
+           CASE WHEN k.merge THEN d.ai_message_count + b.ai_count ELSE b.ai_count END
+               AS ai_count,
+           CASE WHEN k.merge THEN least(d.first_message_id, b.first_id) ELSE b.first_id END
+               AS first_id,
+           CASE WHEN k.merge THEN greatest(d.last_message_id, b.last_id) ELSE b.last_id END
+               AS last_id,
+           CASE WHEN %(time_source)s = 'discovery'
+                    THEN CASE WHEN k.live THEN d.started_at ELSE now() END
+                WHEN k.merge THEN least(d.started_at, b.first_at)
+                ELSE b.first_at END AS started_at,
+           CASE WHEN %(time_source)s = 'discovery'
+                    THEN CASE WHEN k.live AND %(replace)s THEN d.ended_at ELSE now() END
+                WHEN k.merge THEN greatest(d.ended_at, b.last_at)
+                ELSE b.last_at END AS ended_at
+    FROM batch AS b
+    LEFT JOIN discovered_sessions AS d
+           ON d.crew_code = %(crew_code)s AND d.session_id = b.session_id
+    CROSS JOIN LATERAL (
+        SELECT d.session_id IS NOT NULL AND d.deleted_at IS NULL AS live,
+               d.session_id IS NOT NULL AND d.deleted_at IS NULL AND NOT %(replace)s AS merge
+    ) AS k
+),
+merged AS (
+    INSERT INTO discovered_sessions AS d (
+        crew_code, session_id, client_code, message_count, human_message_count,
+        ai_message_count, first_message_id, last_message_id, started_at, ended_at, time_source)
+    SELECT %(crew_code)s, f.session_id, %(client_code)s, f.message_count, f.human_count,
+           f.ai_count, f.first_id, f.last_id, f.started_at, f.ended_at, %(time_source)s
+    FROM final AS f
+    ON CONFLICT (crew_code, session_id) DO UPDATE
+    SET client_code = EXCLUDED.client_code,
+        message_count = EXCLUDED.message_count,
+        human_message_count = EXCLUDED.human_message_count,
+        ai_message_count = EXCLUDED.ai_message_count,
+        first_message_id = EXCLUDED.first_message_id,
+        last_message_id = EXCLUDED.last_message_id,
+        started_at = EXCLUDED.started_at,
+        ended_at = EXCLUDED.ended_at,
+        time_source = EXCLUDED.time_source,
+        deleted_at = NULL,
+        updated_at = now()
+    WHERE d.deleted_at IS NOT NULL
+       OR (d.client_code, d.message_count, d.human_message_count, d.ai_message_count,
+           d.first_message_id, d.last_message_id, d.started_at, d.ended_at, d.time_source)
+          IS DISTINCT FROM
+          (EXCLUDED.client_code, EXCLUDED.message_count, EXCLUDED.human_message_count,
+           EXCLUDED.ai_message_count, EXCLUDED.first_message_id, EXCLUDED.last_message_id,
+           EXCLUDED.started_at, EXCLUDED.ended_at, EXCLUDED.time_source)
+    RETURNING d.session_id, d.started_at
+),
+changed AS (
+    SELECT m.session_id, f.is_new, m.started_at, f.previous_started_at
+    FROM merged AS m JOIN final AS f USING (session_id)
+)
+
+-- name: incremental_step
+-- Reads the rows past the watermark (at most %(batch_rows)s) plus the pending
+-- ids that have become visible, merges them, and moves the watermark in the
+-- same statement. Ids skipped between the old and the new high water become
+-- pending, stamped with this transaction's id: once the oldest running
+-- transaction is newer than that, nothing can still commit into them.
+WITH fresh AS (
+    SELECT h.id::bigint AS id, h.session_id::text AS session_id,
+           h.message::jsonb AS message, {created_at} AS created_at
+    FROM {histories} AS h
+    WHERE h.id > %(high_water)s
+    ORDER BY h.id
+    LIMIT %(batch_rows)s
+),
+late AS (
+    SELECT h.id::bigint AS id, h.session_id::text AS session_id,
+           h.message::jsonb AS message, {created_at} AS created_at
+    FROM unnest(%(pending)s::int8multirange) AS p(ids)
+    JOIN {histories} AS h ON h.id >= lower(p.ids) AND h.id < upper(p.ids)
+),
+src AS (
+    SELECT * FROM fresh
+    UNION ALL
+    SELECT * FROM late
+),
+{merge},
+fresh_gaps AS (
+    SELECT range_agg(int8range(g.prev_id + 1, g.id)) AS ids
+    FROM (
+        SELECT f.id, coalesce(lag(f.id) OVER (ORDER BY f.id), %(high_water)s) AS prev_id
+        FROM fresh AS f
+    ) AS g
+    WHERE g.id > g.prev_id + 1
+),
+still_pending AS (
+    SELECT CASE
+        WHEN %(pending_xid)s::xid8 IS NOT NULL
+             AND pg_snapshot_xmin(pg_current_snapshot()) > %(pending_xid)s::xid8
+            THEN int8multirange()
+        ELSE %(pending)s::int8multirange
+             - coalesce((SELECT range_agg(int8range(l.id, l.id, '[]')) FROM late AS l),
+                        int8multirange())
+    END AS ids
+),
+state AS (
+    UPDATE crew_discovery_state AS s
+    SET high_water_id = coalesce((SELECT max(f.id) FROM fresh AS f), s.high_water_id),
+        pending_ids = sp.ids + coalesce(fg.ids, int8multirange()),
+        pending_xid = CASE
+            WHEN isempty(sp.ids + coalesce(fg.ids, int8multirange())) THEN NULL
+            WHEN fg.ids IS NULL THEN s.pending_xid
+            ELSE pg_current_xact_id() END,
+        updated_at = now()
+    FROM still_pending AS sp, fresh_gaps AS fg
+    WHERE s.crew_code = %(crew_code)s
+    RETURNING s.high_water_id, s.pending_ids::text AS pending_ids
+)
+SELECT (SELECT count(*) FROM fresh) AS fresh_rows,
+       (SELECT count(*) FROM late) AS late_rows,
+       (SELECT count(*) FROM rejected) AS rejected_rows,
+       (SELECT count(*) FROM changed WHERE is_new) AS sessions_new,
+       (SELECT count(*) FROM changed WHERE NOT is_new) AS sessions_updated,
+       0::bigint AS sessions_deleted,
+       (SELECT array_agg(DISTINCT t.at) FROM (
+            SELECT started_at FROM changed
+            UNION ALL SELECT previous_started_at FROM changed) AS t(at)
+        WHERE t.at IS NOT NULL) AS touched_starts,
+       state.high_water_id,
+       state.pending_ids
+FROM state;
+
+-- name: recompute_sessions
+-- Exact recompute of a set of sessions (all of them, those starting in a time
+-- window, or a list) from the rows the watermark covers, in the same snapshot
+-- as the watermark. Sessions with no rows left are soft-deleted.
+WITH candidates AS (
+    SELECT d.session_id::text AS session_id
+    FROM discovered_sessions AS d
+    WHERE d.crew_code = %(crew_code)s
+      AND (d.session_id = ANY(%(session_ids)s::text[])
+           OR (d.started_at >= %(window_start)s AND d.started_at < %(window_end)s))
+    UNION
+    SELECT h.session_id::text
+    FROM {histories} AS h
+    WHERE {created_at} >= %(window_start)s AND {created_at} < %(window_end)s
+),
+src AS (
+    SELECT h.id::bigint AS id, h.session_id::text AS session_id,
+           h.message::jsonb AS message, {created_at} AS created_at
+    FROM {histories} AS h
+    WHERE h.id <= %(high_water)s
+      AND NOT (h.id::bigint <@ %(pending)s::int8multirange)
+      AND (%(all_sessions)s OR h.session_id::text IN (SELECT session_id FROM candidates))
+),
+{merge},
+gone AS (
+    UPDATE discovered_sessions AS d
+    SET deleted_at = now(), updated_at = now()
+    WHERE d.crew_code = %(crew_code)s
+      AND d.deleted_at IS NULL
+      AND (%(all_sessions)s OR d.session_id IN (SELECT session_id FROM candidates))
+      AND NOT EXISTS (SELECT 1 FROM batch AS b WHERE b.session_id = d.session_id)
+    RETURNING d.session_id, d.started_at
+)
+SELECT (SELECT coalesce(sum(message_count), 0) FROM batch) + (SELECT count(*) FROM rejected)
+           AS fresh_rows,
+       0::bigint AS late_rows,
+       (SELECT count(*) FROM rejected) AS rejected_rows,
+       (SELECT count(*) FROM changed WHERE is_new) AS sessions_new,
+       (SELECT count(*) FROM changed WHERE NOT is_new) AS sessions_updated,
+       (SELECT count(*) FROM gone) AS sessions_deleted,
+       (SELECT array_agg(DISTINCT t.at) FROM (
+            SELECT started_at FROM changed
+            UNION ALL SELECT previous_started_at FROM changed
+            UNION ALL SELECT started_at FROM gone) AS t(at)
+        WHERE t.at IS NOT NULL) AS touched_starts,
+       (SELECT array_agg(session_id ORDER BY session_id)
+          FROM (SELECT session_id FROM changed UNION ALL SELECT session_id FROM gone) AS x)
+           AS changed_sessions;
+
+-- name: probe_max_id
+-- The sensor's one index probe per table (a backward scan of the primary key).
+SELECT max(h.id)::bigint FROM {histories} AS h;
+
+-- name: probe_pending
+SELECT count(*) FROM unnest(%(pending)s::int8multirange) AS p(ids)
+JOIN {histories} AS h ON h.id >= lower(p.ids) AND h.id < upper(p.ids);
+
+-- name: new_work_starts
+-- Start times of the sessions that rows past %(from_id)s (or pending ids now
+-- visible) belong to, after merging: which daily partitions the next
+-- incremental run will touch.
+WITH new_rows AS (
+    SELECT h.session_id::text AS session_id, {created_at} AS created_at
+    FROM {histories} AS h WHERE h.id > %(from_id)s
+    UNION ALL
+    SELECT h.session_id::text, {created_at}
+    FROM unnest(%(pending)s::int8multirange) AS p(ids)
+    JOIN {histories} AS h ON h.id >= lower(p.ids) AND h.id < upper(p.ids)
+),
+sessions AS (
+    SELECT n.session_id, coalesce(min(n.created_at), now()) AS first_at
+    FROM new_rows AS n
+    WHERE length(n.session_id) BETWEEN 1 AND 255
+    GROUP BY n.session_id
+)
+SELECT DISTINCT CASE
+    WHEN d.session_id IS NULL OR d.deleted_at IS NOT NULL THEN s.first_at
+    WHEN %(time_source)s = 'discovery' THEN d.started_at
+    ELSE least(d.started_at, s.first_at) END
+FROM sessions AS s
+LEFT JOIN discovered_sessions AS d ON d.crew_code = %(crew_code)s AND d.session_id = s.session_id;
+
+-- name: sample_sessions
+SELECT session_id FROM discovered_sessions
+WHERE crew_code = %(crew_code)s AND deleted_at IS NULL
+ORDER BY random()
+LIMIT %(sample_size)s;
+
+-- name: crew_errors
+SELECT c.crew_code, s.last_error
+FROM crews AS c JOIN crew_discovery_state AS s USING (crew_code)
+WHERE c.enabled AND s.last_error IS NOT NULL
+ORDER BY c.crew_code;

@@ -1,0 +1,3 @@
+from resources.postgres import PostgresResource
+
+__all__ = ["PostgresResource"]

@@ -1,0 +1,60 @@
+"""Sensors of the project."""
+
+import hashlib
+import json
+
+import dagster as dg
+
+from conversation_assets import settings
+from conversation_assets.assets.discovery import partition_keys_for
+from conversation_assets.discovery import probe_new_work
+from jobs import INCREMENTAL_RUN_CONFIG, discovery_job
+from resources.postgres import PostgresResource
+
+
+def build_new_histories_sensor() -> dg.SensorDefinition:
+    @dg.sensor(
+        name="new_histories_sensor",
+        job=discovery_job,
+        minimum_interval_seconds=settings.positive_int("DISCOVERY_SENSOR_INTERVAL_SECONDS"),
+        default_status=dg.DefaultSensorStatus.RUNNING
+        if settings.background_jobs_enabled()
+        else dg.DefaultSensorStatus.STOPPED,
+        description="One primary-key probe per histories table; runs incremental "
+        "discovery for exactly the partitions whose sessions got new rows.",
+    )
+    def new_histories_sensor(
+        context: dg.SensorEvaluationContext, postgres: PostgresResource
+    ) -> dg.SensorResult | dg.SkipReason:
+        # Cursor: the highest id already requested per crew, so rows a queued run
+        # will read are not requested again.
+        cursor: dict[str, int] = json.loads(context.cursor) if context.cursor else {}
+        with postgres.connection() as conn:
+            work, problems = probe_new_work(conn, cursor)
+        for problem in problems:
+            context.log.warning(f"cannot probe crew {problem}")
+        if not work:
+            return dg.SkipReason(f"no new rows in {len(cursor) or 'any'} crews' histories")
+        days = set().union(*(item.days for item in work))
+        fingerprint = hashlib.sha1(
+            ";".join(f"{w.crew_code}={w.max_id}+{w.late_rows}" for w in work).encode()
+        ).hexdigest()[:16]
+        for item in work:
+            cursor[item.crew_code] = item.max_id
+        return dg.SensorResult(
+            run_requests=[
+                dg.RunRequest(
+                    run_key=f"{key}:{fingerprint}",
+                    partition_key=key,
+                    run_config=INCREMENTAL_RUN_CONFIG,
+                    tags={"discovery/trigger": "sensor"},
+                )
+                for key in partition_keys_for(days)
+            ],
+            cursor=json.dumps(cursor, sort_keys=True),
+        )
+
+    return new_histories_sensor
+
+
+new_histories_sensor = build_new_histories_sensor()
