@@ -204,30 +204,35 @@ def _params(source: Source, **values: Any) -> dict[str, Any]:
     }
 
 
-def _read_state(conn: psycopg.Connection, crew_code: str) -> dict[str, Any]:
+def _one_row(
+    conn: psycopg.Connection, statement: sql.Composed, params: dict[str, Any]
+) -> dict[str, Any]:
+    """The single row every discovery statement returns, as a dict."""
     with conn.cursor(row_factory=dict_row) as cur:
-        row = cur.execute(query("read_state"), {"crew_code": crew_code}).fetchone()
-    assert row is not None, "ensure_state runs first"
+        row = cur.execute(statement, params).fetchone()
+    assert row is not None, "discovery statements always return one row"
     return row
+
+
+def _read_state(conn: psycopg.Connection, crew_code: str) -> dict[str, Any]:
+    return _one_row(conn, query("read_state"), {"crew_code": crew_code})
 
 
 def _incremental_step(
     conn: psycopg.Connection, source: Source, state: dict[str, Any], batch_rows: int
 ) -> dict[str, Any]:
-    with conn.cursor(row_factory=dict_row) as cur:
-        row = cur.execute(
-            source.query("incremental_step"),
-            _params(
-                source,
-                replace=False,
-                high_water=state["high_water_id"],
-                pending=state["pending_ids"],
-                pending_xid=state["pending_xid"],
-                batch_rows=batch_rows,
-            ),
-        ).fetchone()
-    assert row is not None
-    return row
+    return _one_row(
+        conn,
+        source.query("incremental_step"),
+        _params(
+            source,
+            replace=False,
+            high_water=state["high_water_id"],
+            pending=state["pending_ids"],
+            pending_xid=state["pending_xid"],
+            batch_rows=batch_rows,
+        ),
+    )
 
 
 def _recompute(
@@ -239,23 +244,20 @@ def _recompute(
     window: tuple[datetime, datetime] | None = None,
     session_ids: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    everything = window is None and session_ids is None
-    with conn.cursor(row_factory=dict_row) as cur:
-        row = cur.execute(
-            source.query("recompute_sessions"),
-            _params(
-                source,
-                replace=True,
-                high_water=high_water,
-                pending=pending,
-                all_sessions=everything,
-                window_start=window[0] if window else None,
-                window_end=window[1] if window else None,
-                session_ids=list(session_ids) if session_ids is not None else None,
-            ),
-        ).fetchone()
-    assert row is not None
-    return row
+    return _one_row(
+        conn,
+        source.query("recompute_sessions"),
+        _params(
+            source,
+            replace=True,
+            high_water=high_water,
+            pending=pending,
+            all_sessions=window is None and session_ids is None,
+            window_start=window[0] if window else None,
+            window_end=window[1] if window else None,
+            session_ids=list(session_ids) if session_ids is not None else None,
+        ),
+    )
 
 
 class _CrewLock:

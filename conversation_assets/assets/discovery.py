@@ -134,7 +134,7 @@ def discovered_sessions(
                 dg.AssetMaterialization(
                     asset_key=context.asset_key,
                     partition=key,
-                    description=f"sessions changed by run {context.run_id}",
+                    description=f"sessions changed by run {context.run.run_id}",
                     metadata={"mode": config.mode},
                 )
             )
