@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from typing import Any, Literal
@@ -48,6 +48,8 @@ class Crew:
     histories_table: str
     high_water_id: int = 0
     pending_ids: str = "{}"
+    source_changes: int | None = None
+    pending_xid: str | None = None
 
 
 @dataclass(frozen=True)
@@ -175,6 +177,7 @@ class CrewOutcome:
 class DiscoveryReport:
     outcomes: list[CrewOutcome]
     seconds: float
+    idle_crews: list[str] = field(default_factory=list)
 
     @property
     def failed(self) -> list[CrewOutcome]:
@@ -296,12 +299,13 @@ def discover_crew(
         changes = int(changes_row[0]) if changes_row else None
         first = _read_state(conn, crew.crew_code)
         outcome.watermark_before = first["high_water_id"]
-        reconcile = (
-            mode == "incremental"
-            and first["source_changes"] is not None
-            and changes is not None
-            and changes != first["source_changes"]
-        )
+        baseline = first["source_changes"]
+        reconcile = mode == "incremental" and None not in (baseline, changes) and changes > baseline
+        if None not in (baseline, changes) and changes < baseline:
+            progress(
+                f"crew {crew.crew_code}: the statistics of {crew.histories_table} were reset; "
+                "deletes made since the last run are only corrected by a backfill"
+            )
         while True:
             with repeatable_read(conn):
                 step = _incremental_step(
@@ -343,7 +347,10 @@ def discover_crew(
         # A whole-crew recompute (or the very first run) makes the current
         # change counter the baseline; a window recompute does not cover it.
         settled = (
-            reconcile or first["source_changes"] is None or (mode == "full" and window is None)
+            reconcile
+            or baseline is None
+            or (changes is not None and changes < baseline)
+            or (mode == "full" and window is None)
         )
         conn.execute(
             query("record_success"),
@@ -367,8 +374,9 @@ def discover(
     started = time.monotonic()
     with pool.connection() as conn:
         crews = load_crews(conn, crew_codes)
+        idle = [crew.crew_code for crew in crews if mode == "incremental" and _idle(conn, crew)]
     outcomes = []
-    for crew in crews:
+    for crew in (crew for crew in crews if crew.crew_code not in idle):
         try:
             with pool.connection() as conn:
                 outcome = discover_crew(
@@ -391,7 +399,7 @@ def discover(
                 f"in {outcome.seconds * 1000:.0f} ms"
             )
         outcomes.append(outcome)
-    return DiscoveryReport(outcomes, time.monotonic() - started)
+    return DiscoveryReport(outcomes, time.monotonic() - started, idle)
 
 
 def recount_sessions(conn: psycopg.Connection, crew: Crew, session_ids: Sequence[str]) -> list[str]:
@@ -411,6 +419,22 @@ def recount_sessions(conn: psycopg.Connection, crew: Crew, session_ids: Sequence
     return list(row["changed_sessions"] or [])
 
 
+def _idle(conn: psycopg.Connection, crew: Crew) -> bool:
+    """Nothing new, nothing pending, nothing deleted: skip the crew (index probes only).
+    A crew whose table cannot be probed is not idle: its run reports why."""
+    try:
+        probe = probe_crew(conn, crew)
+    except (CrewSourceError, psycopg.Error):
+        return False
+    return (
+        probe.max_id <= crew.high_water_id
+        and probe.late_rows == 0
+        and not probe.pending_expired
+        and crew.source_changes is not None
+        and probe.source_changes == crew.source_changes
+    )
+
+
 def _record_failure(pool: ConnectionPool, crew_code: str, message: str) -> None:
     try:
         with pool.connection() as conn:
@@ -419,7 +443,32 @@ def _record_failure(pool: ConnectionPool, crew_code: str, message: str) -> None:
         log.warning("could not record failure of crew %s: %s", crew_code, error)
 
 
-# --- What the sensor asks: is there new work, and for which days? -----------
+# --- Is there new work, and for which days? (runs and the sensor) -----------
+
+
+@dataclass(frozen=True)
+class Probe:
+    max_id: int
+    late_rows: int
+    source_changes: int
+    pending_expired: bool
+
+
+def probe_crew(conn: psycopg.Connection, crew: Crew) -> Probe:
+    """A few index lookups, whatever the table's size (the sensor's tick)."""
+    identifier = histories_identifier(crew.crew_code, crew.histories_table)
+    row = _one_row(
+        conn,
+        query("probe_crew", histories=identifier),
+        {
+            "pending": crew.pending_ids,
+            "table_name": crew.histories_table,
+            "pending_xid": crew.pending_xid,
+        },
+    )
+    return Probe(
+        row["max_id"] or 0, row["late_rows"], row["source_changes"] or 0, row["pending_expired"]
+    )
 
 
 @dataclass(frozen=True)
@@ -431,24 +480,16 @@ class CrewWork:
 
 
 def probe_new_work(
-    conn: psycopg.Connection, cursor: dict[str, int], progress: ProgressLog = log.info
+    conn: psycopg.Connection, cursor: dict[str, int]
 ) -> tuple[list[CrewWork], list[str]]:
-    """One primary-key probe per crew; for crews with new rows, the days their
+    """For crews with rows past ``cursor`` (or their watermark), the days their
     sessions start on. Returns the work found and the crews that could not be read."""
     work, problems = [], []
     for crew in load_crews(conn):
         seen = max(crew.high_water_id, cursor.get(crew.crew_code, 0))
         try:
-            identifier = histories_identifier(crew.crew_code, crew.histories_table)
-            row = conn.execute(query("probe_max_id", histories=identifier)).fetchone()
-            max_id = int(row[0]) if row and row[0] is not None else 0
-            late = 0
-            if crew.pending_ids != "{}":
-                late_row = conn.execute(
-                    query("probe_pending", histories=identifier), {"pending": crew.pending_ids}
-                ).fetchone()
-                late = int(late_row[0]) if late_row else 0
-            if max_id <= seen and late == 0:
+            probe = probe_crew(conn, crew)
+            if probe.max_id <= seen and probe.late_rows == 0:
                 continue
             source = inspect_source(conn, crew)
             starts = conn.execute(
@@ -458,13 +499,6 @@ def probe_new_work(
         except (CrewSourceError, psycopg.Error) as error:
             problems.append(f"{crew.crew_code}: {str(error).strip()}")
             continue
-        work.append(
-            CrewWork(
-                crew.crew_code, max(max_id, seen), late, frozenset(utc_day(r[0]) for r in starts)
-            )
-        )
+        days = frozenset(utc_day(r[0]) for r in starts)
+        work.append(CrewWork(crew.crew_code, max(probe.max_id, seen), probe.late_rows, days))
     return work, problems
-
-
-def days_to_keys(days: Iterable[date]) -> list[str]:
-    return sorted(day.isoformat() for day in days)

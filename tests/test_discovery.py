@@ -356,3 +356,19 @@ def test_probe_finds_new_work_and_its_days_without_reading_history(conn, postgre
     assert work[0].days == {DAY.date(), later.date()}
     # Already requested up to that id: nothing new for the next tick.
     assert probe_new_work(conn, {"crew": ids[-1]}) == ([], [])
+
+
+def test_a_run_with_nothing_new_only_probes_and_writes_nothing(conn, postgres):
+    add_crew(conn, "crew", "acme", "histories", "n8n")
+    insert(conn, "histories", "n8n", [("a", "human")])
+    discover(postgres.pool)
+    before = conn.execute("SELECT updated_at, xmin::text FROM crew_discovery_state").fetchone()
+
+    report = discover(postgres.pool)
+
+    assert report.idle_crews == ["crew"] and report.outcomes == []
+    assert conn.execute("SELECT updated_at, xmin::text FROM crew_discovery_state").fetchone() == (
+        before
+    )
+    insert(conn, "histories", "n8n", [("a", "ai")])
+    assert discover(postgres.pool).idle_crews == []

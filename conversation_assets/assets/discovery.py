@@ -70,6 +70,7 @@ def _report_metadata(report: DiscoveryReport) -> dict[str, Any]:
         "sessions_deleted": report.total("sessions_deleted"),
         "crews_succeeded": len(report.succeeded),
         "crews_failed": len(report.failed),
+        "crews_idle": len(report.idle_crews),
         "crew_errors": dg.MetadataValue.json({o.crew_code: o.error for o in report.failed}),
         "watermarks": dg.MetadataValue.json(
             {o.crew_code: [o.watermark_before, o.watermark_after] for o in report.succeeded}
@@ -115,7 +116,7 @@ def discovered_sessions(
     )
     for outcome in report.failed:
         context.log.error(outcome.error)
-    if report.outcomes and not report.succeeded:
+    if report.failed and not report.succeeded and not report.idle_crews:
         raise dg.Failure(
             description="discovery failed for every crew",
             metadata={

@@ -5,7 +5,9 @@
 -- name: crews_with_state
 SELECT c.crew_code, c.client_code, c.histories_table,
        coalesce(s.high_water_id, 0) AS high_water_id,
-       coalesce(s.pending_ids, int8multirange())::text AS pending_ids
+       coalesce(s.pending_ids, int8multirange())::text AS pending_ids,
+       s.source_changes,
+       s.pending_xid::text AS pending_xid
 FROM crews AS c
 LEFT JOIN crew_discovery_state AS s USING (crew_code)
 WHERE c.enabled AND (%(crew_codes)s::text[] IS NULL OR c.crew_code = ANY(%(crew_codes)s::text[]))
@@ -267,13 +269,17 @@ SELECT (SELECT coalesce(sum(message_count), 0) FROM batch) + (SELECT count(*) FR
           FROM (SELECT session_id FROM changed UNION ALL SELECT session_id FROM gone) AS x)
            AS changed_sessions;
 
--- name: probe_max_id
--- The sensor's one index probe per table (a backward scan of the primary key).
-SELECT max(h.id)::bigint FROM {histories} AS h;
-
--- name: probe_pending
-SELECT count(*) FROM unnest(%(pending)s::int8multirange) AS p(ids)
-JOIN {histories} AS h ON h.id >= lower(p.ids) AND h.id < upper(p.ids);
+-- name: probe_crew
+-- Is there anything for a run to do? One backward scan of the primary key, the
+-- pending ids looked up by primary key, the table's delete/update counter, and
+-- whether the pending ids can be let go.
+SELECT (SELECT max(h.id)::bigint FROM {histories} AS h) AS max_id,
+       (SELECT count(*) FROM unnest(%(pending)s::int8multirange) AS p(ids)
+        JOIN {histories} AS h ON h.id >= lower(p.ids) AND h.id < upper(p.ids)) AS late_rows,
+       (SELECT coalesce(n_tup_del + n_tup_upd, 0) FROM pg_stat_user_tables
+        WHERE relid = %(table_name)s::regclass) AS source_changes,
+       coalesce(pg_snapshot_xmin(pg_current_snapshot()) > %(pending_xid)s::xid8, false)
+           AS pending_expired;
 
 -- name: new_work_starts
 -- Start times of the sessions that rows past %(from_id)s (or pending ids now

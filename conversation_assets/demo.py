@@ -1,0 +1,493 @@
+"""Realistic chat histories for the demo, the tests and the benchmarks.
+
+Everything is generated inside PostgreSQL by one set-based ``INSERT ... SELECT`` over
+``generate_series``, so ten million rows take seconds, not minutes. Every random
+choice is a hash of (seed, session, message), never ``random()``, so a seed always
+produces the same rows whatever plan or worker count PostgreSQL picks.
+
+The tables take the three shapes seen in the wild (see DESIGN.md):
+
+- ``n8n``: ``id SERIAL``, ``session_id VARCHAR(255)``, ``message JSONB``; no
+  ``created_at`` and no index on ``session_id``; content at the top level.
+- ``langchain``: langchain-postgres's ``session_id UUID`` (indexed), ``created_at``,
+  content nested under ``data``; a turn's human and AI messages share one
+  ``created_at``; some system and tool messages.
+- ``seed000``: n8n's shape plus ``created_at`` with an index on it.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import psycopg
+from psycopg import sql
+
+HISTORY_SHAPES = ("n8n", "langchain", "seed000")
+
+# Session lengths: 2 * U^(-1/alpha) (a Pareto tail), capped. Most sessions have 2-10
+# messages, about 1 in 90 has 100 or more, the mean is about 10.
+_LENGTH_ALPHA = 1.15
+_LENGTH_CAP = 1500
+# Masks a hash to a non-negative bigint, and its top 53 bits to a fraction in [0, 1).
+_MASK = 4_611_686_018_427_387_903
+_MESSAGES_PER_NEW_SESSION = 4
+_RECENT_ROWS = 5_000
+
+_HUMAN = [
+    "Hi! My order hasn't arrived yet, can you check?",
+    "Bonjour, ma commande n'est toujours pas arrivée 📦",
+    "¿Puedo cambiar la dirección de envío de mi pedido?",
+    "注文をキャンセルしたいのですが、可能ですか？",
+    "Wie lange dauert die Lieferung nach Österreich?",
+    "My invoice shows the wrong amount 😕",
+    "Can I get a refund for the damaged item?",
+    "我的账户无法登录，怎么办？",
+    "Merci beaucoup, c'est réglé ! 🙏",
+    "Olá, preciso de ajuda com o pagamento por cartão.",
+    "Привет! Как сбросить пароль?",
+    "The app crashes when I open settings 🐛",
+    "Do you ship to Zürich or only to Genève?",
+    "배송 조회는 어디서 하나요?",
+    "Is the café au lait blend back in stock? ☕",
+    "I was charged twice this month, please help",
+    "Can I upgrade my plan to the annual one?",
+    "Hola, ¿tienen descuentos para estudiantes? 🎓",
+    "The tracking number says 'délai dépassé'",
+    "How do I export my data as CSV?",
+    "Thanks, that worked 👍",
+    "Ich möchte meine Adresse ändern.",
+    "Why was my account suspended?",
+    "Quero falar com um atendente humano, por favor.",
+]
+_AI = [
+    "I'm sorry about the delay! Let me look that up for you.",
+    "Bien sûr ! Je vérifie votre commande tout de suite.",
+    "Claro, puedo ayudarte con eso.",
+    "かしこまりました。ご注文番号を教えていただけますか？",
+    "Die Lieferung dauert in der Regel 3–5 Werktage.",
+    "I've found your invoice and corrected the amount. ✅",
+    "A refund has been issued; it takes 5–10 business days to appear.",
+    "请尝试通过“忘记密码”链接重置密码。",
+    "De rien, bonne journée ! ☀️",
+    "Você pode atualizar o cartão em Configurações → Pagamento.",
+    "Нажмите «Забыли пароль?» на странице входа.",
+    "Thanks for reporting this 🐛 — which version of the app are you using?",
+    "We ship to all of Switzerland, including Zürich and Genève.",
+    "주문 내역 페이지에서 배송 조회가 가능합니다.",
+    "Good news: it's back in stock ☕",
+    "I can see two charges; the duplicate will be reversed within 48 h.",
+    "You can switch to annual billing under Plan → Change plan.",
+    "¡Sí! Ofrecemos un 20 % de descuento con correo universitario 🎓",
+    "Your data can be exported from Settings → Export (CSV or JSON).",
+    "I'm transferring you to a colleague now.",
+]
+_AI_FOLLOW_UP = [
+    "Is there anything else I can help with?",
+    "Y a-t-il autre chose que je puisse faire pour vous ?",
+    "¿Algo más en lo que pueda ayudarte?",
+    "他にご不明な点はございますか？",
+    "Kann ich sonst noch etwas für Sie tun?",
+    "Let me know if that helps 🙂",
+    "还有其他问题吗？",
+    "Reference: see the order history page.",
+]
+_TOOL = [
+    '{"order": "shipped", "carrier": "DHL", "eta": "2 days"}',
+    '{"invoice": "corrected", "amount": "49.90 €"}',
+    '{"refund": "issued", "status": "pending"}',
+    '{"account": "active", "plan": "pro"}',
+]
+_SYSTEM = [
+    "You are a helpful support assistant. Answer in the customer's language.",
+    "Tu es un assistant du service client. Sois concis et poli.",
+    "You are the sales assistant of a small online café ☕. Never invent prices.",
+]
+
+
+def _table_identifier(table: str) -> sql.Identifier:
+    """``schema.table`` or ``table``, each part quoted on its own."""
+    parts = table.split(".")
+    if len(parts) > 2 or not all(parts):
+        raise ValueError(f"table name {table!r} must be 'table' or 'schema.table'")
+    return sql.Identifier(*parts)
+
+
+def _check_shape(shape: str) -> None:
+    if shape not in HISTORY_SHAPES:
+        raise ValueError(f"unknown history shape {shape!r}; expected one of {HISTORY_SHAPES}")
+
+
+def create_histories_table(conn: psycopg.Connection, table: str, shape: str) -> None:
+    """Create the histories table in one of the real shapes, if it is missing."""
+    _check_shape(shape)
+    ident = _table_identifier(table)
+    name = table.split(".")[-1]
+    with conn.transaction():
+        if shape == "n8n":
+            conn.execute(
+                sql.SQL(
+                    "CREATE TABLE IF NOT EXISTS {} (id SERIAL PRIMARY KEY, "
+                    "session_id VARCHAR(255) NOT NULL, message JSONB NOT NULL)"
+                ).format(ident)
+            )
+        elif shape == "langchain":
+            conn.execute(
+                sql.SQL(
+                    "CREATE TABLE IF NOT EXISTS {} (id SERIAL PRIMARY KEY, "
+                    "session_id UUID NOT NULL, message JSONB NOT NULL, "
+                    "created_at TIMESTAMPTZ NOT NULL DEFAULT now())"
+                ).format(ident)
+            )
+            conn.execute(
+                sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} (session_id)").format(
+                    sql.Identifier(f"{name}_session_id_idx"[:63]), ident
+                )
+            )
+        else:
+            conn.execute(
+                sql.SQL(
+                    "CREATE TABLE IF NOT EXISTS {} (id SERIAL PRIMARY KEY, "
+                    "session_id VARCHAR(255) NOT NULL, message JSONB NOT NULL, "
+                    "created_at TIMESTAMPTZ NOT NULL DEFAULT now())"
+                ).format(ident)
+            )
+            conn.execute(
+                sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} (created_at)").format(
+                    sql.Identifier(f"{name}_created_at_idx"[:63]), ident
+                )
+            )
+
+
+def _hash(expression: str, purpose: int) -> sql.Composed:
+    """A non-negative bigint hash of ``expression`` under the seed, one per purpose."""
+    return sql.SQL(
+        "(hashint8extended(({})::bigint, %(seed)s::bigint * 16 + {}) & %(mask)s::bigint)"
+    ).format(sql.SQL(expression), sql.Literal(purpose))  # type: ignore[arg-type]
+
+
+def _fraction(expression: str, purpose: int) -> sql.Composed:
+    """The same hash as a fraction in [0, 1): its top 53 bits over 2^53."""
+    return sql.SQL("(({} >> 9)::float8 / 9007199254740992.0)").format(_hash(expression, purpose))
+
+
+def _session_id(shape: str, key: sql.Composable) -> sql.Composable:
+    """A session id from a text key: UUIDs for LangChain (and n8n's chat trigger)."""
+    if shape == "langchain":
+        return sql.SQL("md5({})::uuid").format(key)
+    if shape == "n8n":
+        return sql.SQL("md5({})::uuid::text").format(key)
+    return sql.SQL("'sess_' || left(md5({}), 20)").format(key)
+
+
+def _message(shape: str) -> sql.Composable:
+    """The JSONB message of a generated row ``m`` (kind, type, hash ``h``).
+
+    kind 0 is a well-formed message; 1 has no "type", 2 is a JSON string instead of
+    an object, 3 is well-formed (its row gets an empty session id).
+    """
+    content = sql.SQL(
+        """CASE m.type
+            WHEN 'human' THEN (%(human)s::text[])[1 + m.h %% %(n_human)s]
+                || CASE WHEN m.h %% 5 = 0
+                        THEN ' ' || (%(human)s::text[])[1 + (m.h >> 8) %% %(n_human)s]
+                        ELSE '' END
+            WHEN 'ai' THEN (%(ai)s::text[])[1 + m.h %% %(n_ai)s]
+                || CASE WHEN m.h %% 3 = 0
+                        THEN ' ' || (%(follow)s::text[])[1 + (m.h >> 8) %% %(n_follow)s]
+                        ELSE '' END
+            WHEN 'tool' THEN (%(tool)s::text[])[1 + m.h %% %(n_tool)s]
+            ELSE (%(system)s::text[])[1 + m.h %% %(n_system)s]
+        END"""
+    )
+    if shape == "langchain":
+        well_formed = sql.SQL(
+            """jsonb_build_object('type', m.type, 'data',
+                   jsonb_build_object('content', {content}, 'type', m.type,
+                                      'additional_kwargs', '{{}}'::jsonb,
+                                      'response_metadata', '{{}}'::jsonb,
+                                      'name', NULL, 'id', NULL)
+                   || CASE m.type
+                        WHEN 'ai' THEN jsonb_build_object(
+                            'tool_calls', '[]'::jsonb, 'invalid_tool_calls', '[]'::jsonb,
+                            'usage_metadata', NULL, 'example', false)
+                        WHEN 'tool' THEN jsonb_build_object(
+                            'tool_call_id', 'call_' || left(md5(m.h::text), 24),
+                            'name', 'lookup_order', 'status', 'success', 'artifact', NULL)
+                        ELSE '{{}}'::jsonb END)"""
+        ).format(content=content)
+        no_type = sql.SQL(
+            "jsonb_build_object('data', jsonb_build_object('content', {content}))"
+        ).format(content=content)
+    else:
+        well_formed = sql.SQL(
+            """jsonb_build_object('type', m.type, 'content', {content},
+                                  'additional_kwargs', '{{}}'::jsonb,
+                                  'response_metadata', '{{}}'::jsonb)
+               || CASE WHEN m.type = 'ai' THEN jsonb_build_object(
+                      'tool_calls', '[]'::jsonb, 'invalid_tool_calls', '[]'::jsonb)
+                  ELSE '{{}}'::jsonb END"""
+        ).format(content=content)
+        no_type = sql.SQL(
+            "jsonb_build_object('content', {content}, 'additional_kwargs', '{{}}'::jsonb)"
+        ).format(content=content)
+    return sql.SQL(
+        """CASE m.kind
+            WHEN 1 THEN {no_type}
+            WHEN 2 THEN to_jsonb({content})
+            ELSE {well_formed} END"""
+    ).format(no_type=no_type, content=content, well_formed=well_formed)
+
+
+def _texts() -> dict[str, list[str] | int]:
+    """The phrase lists and their lengths, as query parameters."""
+    texts = {"human": _HUMAN, "ai": _AI, "follow": _AI_FOLLOW_UP, "tool": _TOOL, "system": _SYSTEM}
+    return {**texts, **{f"n_{name}": len(values) for name, values in texts.items()}}
+
+
+def _columns(shape: str) -> tuple[sql.Composable, sql.Composable]:
+    """Insert column list and the matching select list over a generated row ``m``."""
+    if shape == "n8n":
+        return sql.SQL("session_id, message"), sql.SQL("m.session_id, {}").format(_message(shape))
+    return (
+        sql.SQL("session_id, message, created_at"),
+        sql.SQL("m.session_id, {}, m.created_at").format(_message(shape)),
+    )
+
+
+def fill_histories(
+    conn: psycopg.Connection,
+    table: str,
+    shape: str,
+    *,
+    sessions: int,
+    seed: int,
+    start: datetime | None = None,
+    days: int = 14,
+    malformed: int = 0,
+) -> int:
+    """Append ``sessions`` sessions (plus ``malformed`` bad rows); return the rows added.
+
+    Sessions start over the ``days`` days before ``start`` (default now); rows are
+    inserted in time order, so ids follow ``created_at`` as in a live product.
+    """
+    _check_shape(shape)
+    if sessions < 0 or malformed < 0 or days < 0:
+        raise ValueError("sessions, malformed and days must not be negative")
+    start = start or datetime.now(UTC)
+    insert_cols, select_cols = _columns(shape)
+    # Within a LangChain turn, the human and AI messages share one created_at.
+    pair = "(k.k + s.system::int) / 2" if shape == "langchain" else "k.k"
+    message_key = "s.n::bigint * 1048576 + "  # session * 2^20 + message number
+    generated = sql.SQL(
+        """
+        SELECT g.s, g.k, g.kind, g.created_at, g.type, g.h
+        FROM (
+            SELECT s.n::bigint AS s, k.k, 0 AS kind,
+                   %(start)s::timestamptz
+                     - make_interval(secs => greatest(s.span, s.back))
+                     + make_interval(secs => ({pair}) * s.step + {u_jitter} * 0.9 * s.step)
+                     AS created_at,
+                   CASE
+                       WHEN k.k = 0 AND s.system THEN 'system'
+                       WHEN (k.k - s.system::int) %% 2 = 0 THEN 'human'
+                       WHEN s.tools AND {h_tool} %% 5 = 0 THEN 'tool'
+                       ELSE 'ai' END AS type,
+                   {h_content} AS h
+            FROM (
+                SELECT l.n, l.len, l.step, l.len * l.step AS span,
+                       {u_back} * %(days)s * 86400.0 AS back,
+                       %(langchain)s AND {h_system} %% 4 = 0 AS system,
+                       %(langchain)s AND {h_tools} %% 3 = 0 AS tools
+                FROM (
+                    SELECT n,
+                           least(%(cap)s, floor(2.0 * power(1.0 - {u_len}, -1.0 / %(alpha)s)))::int
+                               AS len,
+                           15.0 + {u_step} * 150.0 AS step
+                    FROM generate_series(1, %(sessions)s) AS n
+                ) AS l
+            ) AS s
+            CROSS JOIN LATERAL generate_series(0, s.len - 1) AS k(k)
+            UNION ALL
+            SELECT 1 + (i.i::bigint * 7919) %% greatest(%(sessions)s, 1), -i.i,
+                   1 + (i.i - 1) %% %(malformed_kinds)s,
+                   %(start)s::timestamptz - make_interval(secs => {u_bad} * %(days)s * 86400.0),
+                   CASE WHEN i.i %% 2 = 0 THEN 'human' ELSE 'ai' END,
+                   {h_bad}
+            FROM generate_series(1, %(malformed)s) AS i(i)
+        ) AS g
+        ORDER BY g.created_at, g.s, g.k"""
+    ).format(
+        pair=sql.SQL(pair),
+        u_jitter=_fraction(message_key + pair, 4),
+        h_tool=_hash(message_key + pair, 6),
+        h_content=_hash(message_key + "k.k", 7),
+        u_back=_fraction("l.n", 2),
+        h_system=_hash("l.n", 5),
+        h_tools=_hash("l.n", 8),
+        u_len=_fraction("n", 1),
+        u_step=_fraction("n", 3),
+        u_bad=_fraction("-i.i", 9),
+        h_bad=_hash("-i.i", 7),
+    )
+    sid = _session_id(shape, sql.SQL("'fill:' || %(seed)s::text || ':' || g.s::text"))
+    if shape != "langchain":  # a UUID column cannot hold the empty session id
+        sid = sql.SQL("CASE WHEN g.kind = 3 THEN '' ELSE {} END").format(sid)
+    query = sql.SQL(
+        """INSERT INTO {table} ({insert_cols})
+        SELECT {select_cols}
+        FROM (
+            SELECT {sid} AS session_id,
+                   g.kind, g.created_at, g.type, g.h
+            FROM ({generated}) AS g
+        ) AS m"""
+    ).format(
+        table=_table_identifier(table),
+        insert_cols=insert_cols,
+        select_cols=select_cols,
+        sid=sid,
+        generated=generated,
+    )
+    params = {
+        "seed": seed,
+        "mask": _MASK,
+        "start": start,
+        "days": days,
+        "sessions": sessions,
+        "malformed": malformed,
+        "cap": _LENGTH_CAP,
+        "alpha": _LENGTH_ALPHA,
+        "langchain": shape == "langchain",
+        "malformed_kinds": 2 if shape == "langchain" else 3,
+        **_texts(),
+    }
+    with conn.transaction():
+        # The time-order sort is narrow (four scalars a row): let it stay in memory,
+        # then give an enclosing transaction its own setting back.
+        row = conn.execute("SELECT current_setting('work_mem')").fetchone()
+        conn.execute("SELECT set_config('work_mem', '512MB', true)")
+        added = conn.execute(query, params).rowcount
+        conn.execute("SELECT set_config('work_mem', %s, true)", (row[0] if row else "4MB",))
+        return added
+
+
+def add_messages(
+    conn: psycopg.Connection,
+    table: str,
+    shape: str,
+    *,
+    count: int,
+    seed: int,
+    new_sessions_ratio: float = 0.3,
+) -> int:
+    """Append ``count`` messages stamped now(); return the rows added.
+
+    ``round(count * new_sessions_ratio)`` rows go to brand-new sessions (about four
+    messages each), the rest to sessions seen in the table's last few thousand rows,
+    found by a backward primary-key scan so that a huge table costs no more.
+    """
+    _check_shape(shape)
+    if count <= 0:
+        return 0
+    if not 0.0 <= new_sessions_ratio <= 1.0:
+        raise ValueError("new_sessions_ratio must be between 0 and 1")
+    ident = _table_identifier(table)
+    with conn.transaction():
+        row = conn.execute(
+            sql.SQL(
+                """SELECT (SELECT coalesce(max(id), 0) FROM {t}),
+                          (SELECT coalesce(array_agg(DISTINCT r.session_id::text), '{{}}')
+                           FROM (SELECT session_id FROM {t} ORDER BY id DESC LIMIT %s) AS r
+                           WHERE btrim(r.session_id::text) <> '')"""
+            ).format(t=ident),
+            (_RECENT_ROWS,),
+        ).fetchone()
+        assert row is not None
+        max_id, existing = int(row[0]), sorted(row[1])
+        to_new = count if not existing else round(count * new_sessions_ratio)
+        new_sessions = max(1, -(-to_new // _MESSAGES_PER_NEW_SESSION)) if to_new else 1
+        insert_cols, select_cols = _columns(shape)
+        # max(id) salts the new session ids, so two calls never share "new" sessions.
+        new_key = sql.SQL(
+            "'add:' || %(seed)s::text || ':' || %(salt)s::text || ':' || "
+            "((g.i - 1) %% %(new_sessions)s)::text"
+        )
+        cast = sql.SQL("::uuid") if shape == "langchain" else sql.SQL("")
+        hash_i = sql.SQL(
+            "(hashint8extended(g.i::bigint, %(seed)s::bigint * 16 + {p}) & %(mask)s::bigint)"
+        )
+        query = sql.SQL(
+            """INSERT INTO {table} ({insert_cols})
+            SELECT {select_cols}
+            FROM (
+                SELECT CASE WHEN g.i <= %(to_new)s THEN {new_sid}
+                            ELSE ((%(existing)s::text[])[1 + {pick} %% %(n_existing)s]){cast}
+                       END AS session_id,
+                       0 AS kind, now() AS created_at,
+                       CASE WHEN (CASE WHEN g.i <= %(to_new)s
+                                       THEN (g.i - 1) / %(new_sessions)s ELSE g.i END) %% 2 = 0
+                            THEN 'human' ELSE 'ai' END AS type,
+                       {content_hash} AS h
+                FROM generate_series(1, %(count)s) AS g(i)
+                ORDER BY g.i
+            ) AS m"""
+        ).format(
+            table=ident,
+            insert_cols=insert_cols,
+            select_cols=select_cols,
+            new_sid=_session_id(shape, new_key),
+            pick=hash_i.format(p=10),
+            cast=cast,
+            content_hash=hash_i.format(p=11),
+        )
+        cur = conn.execute(
+            query,
+            {
+                "seed": seed,
+                "mask": _MASK,
+                "salt": max_id,
+                "to_new": to_new,
+                "new_sessions": new_sessions,
+                "existing": existing,
+                "n_existing": len(existing),
+                "count": count,
+                **_texts(),
+            },
+        )
+        return cur.rowcount
+
+
+# (crew_code, client_code, histories_table, shape, sessions)
+_DEMO_CREWS = (
+    ("acme_support", "acme", "acme_support_histories", "n8n", 300),
+    ("acme_sales", "acme", "acme_sales_histories", "langchain", 200),
+    ("globex_helpdesk", "globex", "globex_helpdesk_histories", "seed000", 400),
+    ("globex_onboarding", "globex", "globex_onboarding_histories", "n8n", 150),
+    ("initech_billing", "initech", "demo.initech_billing_histories", "langchain", 250),
+    ("initech_assistant", "initech", "initech_assistant_histories", "seed000", 300),
+)
+
+
+def load_demo(conn: psycopg.Connection, *, seed: int = 7) -> dict[str, int]:
+    """Register six demo crews of three clients and fill their histories, once.
+
+    Does nothing (returns ``{}``) when the ``crews`` table already has rows, so the
+    dev launcher may call it on every start. Expects a migrated database.
+    """
+    added: dict[str, int] = {}
+    with conn.transaction():
+        # Two launchers starting together: the second waits, then sees the crews.
+        conn.execute("SELECT pg_advisory_xact_lock(hashtextextended('conversation_demo', 0))")
+        row = conn.execute("SELECT EXISTS (SELECT 1 FROM crews)").fetchone()
+        if row and row[0]:
+            return {}
+        conn.execute("CREATE SCHEMA IF NOT EXISTS demo")
+        for number, (crew, client, table, shape, sessions) in enumerate(_DEMO_CREWS):
+            create_histories_table(conn, table, shape)
+            added[table] = fill_histories(
+                conn, table, shape, sessions=sessions, seed=seed * 100 + number, malformed=4
+            )
+            conn.execute(
+                "INSERT INTO crews (crew_code, client_code, histories_table) VALUES (%s, %s, %s)",
+                (crew, client, table),
+            )
+    return added
