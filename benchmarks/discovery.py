@@ -404,7 +404,7 @@ def main() -> None:
 
         # (b): nothing is new now; the sensor's cursor is every crew's watermark.
         cursor = watermarks(work)
-        probe_new_work(work, cursor, quiet)  # warm the caches
+        probe_new_work(work, cursor)  # warm the caches
         ticks = []
         for _ in range(args.ticks):
             figure, (found, problems) = timed(clock, work, lambda: probe_new_work(work, cursor))

@@ -49,7 +49,10 @@ class Crew:
     high_water_id: int = 0
     pending_ids: str = "{}"
     source_changes: int | None = None
+    source_filenode: int | None = None
+    state_client_code: str | None = None
     pending_xid: str | None = None
+    pending_vxids: list[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -129,10 +132,11 @@ def inspect_source(conn: psycopg.Connection, crew: Crew) -> Source:
 
 
 def load_crews(conn: psycopg.Connection, crew_codes: Sequence[str] | None = None) -> list[Crew]:
-    rows = conn.execute(
-        query("crews_with_state"), {"crew_codes": list(crew_codes) if crew_codes else None}
-    ).fetchall()
-    return [Crew(*row) for row in rows]
+    with conn.cursor(row_factory=dict_row) as cur:
+        rows = cur.execute(
+            query("crews_with_state"), {"crew_codes": list(crew_codes) if crew_codes else None}
+        ).fetchall()
+    return [Crew(**row) for row in rows]
 
 
 @dataclass
@@ -233,6 +237,7 @@ def _incremental_step(
             high_water=state["high_water_id"],
             pending=state["pending_ids"],
             pending_xid=state["pending_xid"],
+            pending_vxids=state["pending_vxids"],
             batch_rows=batch_rows,
         ),
     )
@@ -295,17 +300,26 @@ def discover_crew(
     source = inspect_source(conn, crew)
     conn.execute(query("ensure_state"), {"crew_code": crew.crew_code})
     with _CrewLock(conn, crew.crew_code):
-        changes_row = conn.execute(query("source_changes"), {"relid": source.relid}).fetchone()
-        changes = int(changes_row[0]) if changes_row else None
+        signature = _one_row(conn, query("source_signature"), {"relid": source.relid})
         first = _read_state(conn, crew.crew_code)
         outcome.watermark_before = first["high_water_id"]
-        baseline = first["source_changes"]
-        reconcile = mode == "incremental" and None not in (baseline, changes) and changes > baseline
-        if None not in (baseline, changes) and changes < baseline:
+        baseline, changes = first["source_changes"], signature["changes"]
+        stats_reset = baseline is not None and changes < baseline
+        if stats_reset:
             progress(
                 f"crew {crew.crew_code}: the statistics of {crew.histories_table} were reset; "
                 "deletes made since the last run are only corrected by a backfill"
             )
+        reconcile = (
+            mode == "incremental"
+            and baseline is not None
+            and not stats_reset
+            and (
+                changes > baseline
+                or signature["filenode"] != first["source_filenode"]
+                or crew.client_code != first["client_code"]
+            )
+        )
         while True:
             with repeatable_read(conn):
                 step = _incremental_step(
@@ -323,8 +337,8 @@ def discover_crew(
         if mode == "full" or reconcile:
             if reconcile:
                 progress(
-                    f"crew {crew.crew_code}: rows of {crew.histories_table} were deleted or "
-                    "updated since the last run; recomputing all its sessions"
+                    f"crew {crew.crew_code}: {crew.histories_table} lost or changed rows, "
+                    "or the crew changed client, since the last run; recomputing all its sessions"
                 )
             # Same snapshot for the last catch-up and the recompute, so the rows
             # recomputed are exactly those the watermark covers.
@@ -345,16 +359,19 @@ def discover_crew(
             outcome.pending_after = step["pending_ids"]
             outcome.reconciled = True
         # A whole-crew recompute (or the very first run) makes the current
-        # change counter the baseline; a window recompute does not cover it.
+        # signature the baseline; a window recompute does not cover every session.
         settled = (
-            reconcile
-            or baseline is None
-            or (changes is not None and changes < baseline)
-            or (mode == "full" and window is None)
+            reconcile or baseline is None or stats_reset or (mode == "full" and window is None)
         )
         conn.execute(
             query("record_success"),
-            {"crew_code": crew.crew_code, "source_changes": changes if settled else None},
+            {
+                "crew_code": crew.crew_code,
+                "settled": settled,
+                "source_changes": changes,
+                "source_filenode": signature["filenode"],
+                "client_code": crew.client_code,
+            },
         )
     outcome.seconds = time.monotonic() - started
     return outcome
@@ -426,13 +443,7 @@ def _idle(conn: psycopg.Connection, crew: Crew) -> bool:
         probe = probe_crew(conn, crew)
     except (CrewSourceError, psycopg.Error):
         return False
-    return (
-        probe.max_id <= crew.high_water_id
-        and probe.late_rows == 0
-        and not probe.pending_expired
-        and crew.source_changes is not None
-        and probe.source_changes == crew.source_changes
-    )
+    return not probe.has_rows_past(crew.high_water_id) and probe.matches_baseline(crew)
 
 
 def _record_failure(pool: ConnectionPool, crew_code: str, message: str) -> None:
@@ -451,7 +462,21 @@ class Probe:
     max_id: int
     late_rows: int
     source_changes: int
+    source_filenode: int
     pending_expired: bool
+
+    def has_rows_past(self, seen_id: int) -> bool:
+        return self.max_id > seen_id or self.late_rows > 0
+
+    def matches_baseline(self, crew: Crew) -> bool:
+        """No pending ids to let go, no deletes, truncation or change of client."""
+        return (
+            not self.pending_expired
+            and crew.source_changes is not None
+            and self.source_changes == crew.source_changes
+            and self.source_filenode == crew.source_filenode
+            and crew.client_code == crew.state_client_code
+        )
 
 
 def probe_crew(conn: psycopg.Connection, crew: Crew) -> Probe:
@@ -464,10 +489,15 @@ def probe_crew(conn: psycopg.Connection, crew: Crew) -> Probe:
             "pending": crew.pending_ids,
             "table_name": crew.histories_table,
             "pending_xid": crew.pending_xid,
+            "pending_vxids": crew.pending_vxids,
         },
     )
     return Probe(
-        row["max_id"] or 0, row["late_rows"], row["source_changes"] or 0, row["pending_expired"]
+        max_id=row["max_id"] or 0,
+        late_rows=row["late_rows"],
+        source_changes=row["source_changes"] or 0,
+        source_filenode=row["source_filenode"],
+        pending_expired=row["pending_expired"],
     )
 
 
@@ -475,30 +505,41 @@ def probe_crew(conn: psycopg.Connection, crew: Crew) -> Probe:
 class CrewWork:
     crew_code: str
     max_id: int
-    late_rows: int
+    fingerprint: str
     days: frozenset[date]
 
 
 def probe_new_work(
     conn: psycopg.Connection, cursor: dict[str, int]
 ) -> tuple[list[CrewWork], list[str]]:
-    """For crews with rows past ``cursor`` (or their watermark), the days their
-    sessions start on. Returns the work found and the crews that could not be read."""
+    """Crews with rows past ``cursor`` (or their watermark), or whose table lost rows,
+    and the days their new rows' sessions start on (none known for lost rows).
+    Returns the work found and the crews that could not be read."""
     work, problems = [], []
     for crew in load_crews(conn):
         seen = max(crew.high_water_id, cursor.get(crew.crew_code, 0))
         try:
             probe = probe_crew(conn, crew)
-            if probe.max_id <= seen and probe.late_rows == 0:
+            new_rows = probe.has_rows_past(seen)
+            if not new_rows and probe.matches_baseline(crew):
                 continue
-            source = inspect_source(conn, crew)
-            starts = conn.execute(
-                source.query("new_work_starts"),
-                _params(source, from_id=seen, pending=crew.pending_ids),
-            ).fetchall()
+            starts = []
+            if new_rows:
+                source = inspect_source(conn, crew)
+                starts = conn.execute(
+                    source.query("new_work_starts"),
+                    _params(source, from_id=seen, pending=crew.pending_ids),
+                ).fetchall()
         except (CrewSourceError, psycopg.Error) as error:
             problems.append(f"{crew.crew_code}: {str(error).strip()}")
             continue
-        days = frozenset(utc_day(r[0]) for r in starts)
-        work.append(CrewWork(crew.crew_code, max(probe.max_id, seen), probe.late_rows, days))
+        work.append(
+            CrewWork(
+                crew.crew_code,
+                max(probe.max_id, seen),
+                f"{crew.crew_code}={probe.max_id}+{probe.late_rows}"
+                f"/{probe.source_changes}/{probe.source_filenode}/{crew.client_code}",
+                frozenset(utc_day(r[0]) for r in starts),
+            )
+        )
     return work, problems

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+from datetime import UTC, datetime
 
 import dagster as dg
 
@@ -36,20 +37,21 @@ def build_new_histories_sensor() -> dg.SensorDefinition:
         if not work:
             return dg.SkipReason(f"no new rows in {len(cursor) or 'any'} crews' histories")
         days = set().union(*(item.days for item in work))
-        fingerprint = hashlib.sha1(
-            ";".join(f"{w.crew_code}={w.max_id}+{w.late_rows}" for w in work).encode()
-        ).hexdigest()[:16]
+        fingerprint = hashlib.sha1(";".join(w.fingerprint for w in work).encode()).hexdigest()
         for item in work:
             cursor[item.crew_code] = item.max_id
+        # Days outside the partitions (a created_at in the future) or unknown (rows
+        # deleted): today's run still catches every crew up.
+        keys = partition_keys_for(days) or [datetime.now(UTC).date().isoformat()]
         return dg.SensorResult(
             run_requests=[
                 dg.RunRequest(
-                    run_key=f"{key}:{fingerprint}",
+                    run_key=f"{key}:{fingerprint[:16]}",
                     partition_key=key,
                     run_config=INCREMENTAL_RUN_CONFIG,
                     tags={"discovery/trigger": "sensor"},
                 )
-                for key in partition_keys_for(days)
+                for key in keys
             ],
             cursor=json.dumps(cursor, sort_keys=True),
         )

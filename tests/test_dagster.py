@@ -123,6 +123,11 @@ def test_sensor_requests_exactly_the_affected_partitions(conn, postgres):
     add_crew(conn, "quiet", "beta", "quiet_histories", "n8n")
     sensor = build_new_histories_sensor()
     with dg.build_sensor_context(resources={"postgres": postgres}) as context:
+        first = sensor(context)  # crews never discovered: one run sets their baseline
+    today = datetime.now(UTC).date().isoformat()
+    assert [r.partition_key for r in first.run_requests] == [today]
+    _materialize(postgres, today, INCREMENTAL_RUN_CONFIG)
+    with dg.build_sensor_context(resources={"postgres": postgres}) as context:
         assert isinstance(sensor(context), dg.SkipReason)
 
     later = DAY + timedelta(days=3)
@@ -176,3 +181,19 @@ def test_readme_documents_every_setting():
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     table = {m for m in re.findall(r"^\| `([A-Z_]+)` \|", readme, flags=re.MULTILINE)}
     assert table == {s.name for s in settings.SETTINGS}
+
+
+def test_sensor_requests_a_run_when_rows_were_only_deleted(conn, postgres):
+    add_crew(conn, "crew", "acme", "histories", "n8n")
+    insert(conn, "histories", "n8n", [("a", "human"), ("b", "human")])
+    _materialize(postgres, DAY.date().isoformat(), INCREMENTAL_RUN_CONFIG)
+    sensor = build_new_histories_sensor()
+    with dg.build_sensor_context(resources={"postgres": postgres}) as context:
+        assert isinstance(sensor(context), dg.SkipReason)
+
+    conn.execute("DELETE FROM histories WHERE session_id = 'a'")  # n8n clear()
+    conn.execute("SELECT pg_stat_force_next_flush()")
+    with dg.build_sensor_context(resources={"postgres": postgres}) as context:
+        result = sensor(context)
+    today = datetime.now(UTC).date().isoformat()
+    assert [r.partition_key for r in result.run_requests] == [today]

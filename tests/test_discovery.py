@@ -1,5 +1,6 @@
 """Discovery against real PostgreSQL: exactness, concurrency, bad input, faults."""
 
+import json
 import random
 import threading
 import time
@@ -93,6 +94,38 @@ def test_a_row_committed_late_below_the_watermark_is_still_discovered(conn, post
     assert report.total("rows_scanned") == 1
     assert stored(conn, "crew", with_times=False) == recount(conn, "histories", False)
     assert conn.execute("SELECT pending_ids::text FROM crew_discovery_state").fetchone()[0] == "{}"
+
+
+def test_ids_taken_before_the_writer_has_a_transaction_id_are_not_lost(conn, postgres, db_url):
+    """COPY takes ids from the sequence for rows it buffers before its first write,
+    so the writer has no xid yet when a later row commits and discovery runs."""
+    add_crew(conn, "crew", "acme", "histories", "n8n")
+    insert(conn, "histories", "n8n", [("early", "human")])
+    discover(postgres.pool)
+    big = json.dumps({"type": "human", "content": "y" * 40_000})
+    small = json.dumps({"type": "ai", "content": "ok"})
+    with psycopg.connect(db_url) as bulk:
+        with bulk.cursor().copy("COPY histories (session_id, message) FROM STDIN") as copy:
+            copy.write_row(("bulk", big))
+            bulk.pgconn.flush()
+            time.sleep(0.3)  # the server has taken an id for the buffered row
+            assert conn.execute(
+                "SELECT backend_xid FROM pg_stat_activity WHERE pid = %s",
+                (bulk.info.backend_pid,),
+            ).fetchone() == (None,)
+            insert(conn, "histories", "n8n", [("fast", "human")])
+            discover(postgres.pool)  # the bulk row's id becomes pending
+            for _ in range(2_000):  # fill the buffer: the writer gets its xid now
+                copy.write_row(("bulk", small))
+            bulk.pgconn.flush()
+            time.sleep(0.3)
+            discover(postgres.pool)  # its xid is newer than the run that saw the gap
+            assert "bulk" not in stored(conn, "crew", with_times=False)
+        bulk.commit()
+
+    discover(postgres.pool)
+    assert stored(conn, "crew", with_times=False) == recount(conn, "histories", False)
+    assert stored(conn, "crew", with_times=False)["bulk"][0] == 2_001
 
 
 def test_rolled_back_ids_leave_gaps_that_do_not_stall_progress(conn, postgres, db_url):
@@ -299,7 +332,7 @@ def test_invalid_hostile_or_missing_tables_fail_only_their_crew(conn, postgres):
     assert "'no_such_table' does not exist" in errors["missing"]
     assert [o.crew_code for o in report.succeeded] == ["good"]
     assert conn.execute("SELECT count(*) FROM crews").fetchone()[0] == 5
-    recorded = dict(conn.execute("SELECT crew_code, last_error FROM crew_discovery_state"))
+    recorded = dict(conn.execute("SELECT crew_code, last_error FROM crew_discovery_status"))
     assert recorded["good"] is None and "does not exist" in recorded["missing"]
 
 
@@ -372,3 +405,23 @@ def test_a_run_with_nothing_new_only_probes_and_writes_nothing(conn, postgres):
     )
     insert(conn, "histories", "n8n", [("a", "ai")])
     assert discover(postgres.pool).idle_crews == []
+
+
+def test_truncate_and_a_crew_moving_client_are_reconciled(conn, postgres):
+    add_crew(conn, "crew", "acme", "histories", "seed000")
+    insert(conn, "histories", "seed000", [("a", "human", DAY), ("b", "ai", DAY)])
+    discover(postgres.pool)
+
+    conn.execute("TRUNCATE histories")  # invisible to the delete counters
+    insert(conn, "histories", "seed000", [("c", "human", DAY)])
+    report = discover(postgres.pool)
+    assert report.outcomes[0].reconciled
+    live = dict(conn.execute("SELECT session_id, deleted_at IS NULL FROM discovered_sessions"))
+    assert live == {"a": False, "b": False, "c": True}
+
+    conn.execute("UPDATE crews SET client_code = 'globex' WHERE crew_code = 'crew'")
+    discover(postgres.pool)  # nothing new in the table, yet not idle
+    clients = conn.execute(
+        "SELECT DISTINCT client_code FROM discovered_sessions WHERE deleted_at IS NULL"
+    ).fetchall()
+    assert clients == [("globex",)]

@@ -13,21 +13,61 @@ CREATE TABLE crews (
 -- Serves: a client's crews (tenant-scoped reads).
 CREATE INDEX crews_client_code_idx ON crews (client_code);
 
--- Per-crew watermark. Every id <= high_water_id has been read, except the ids in
--- pending_ids: those were not visible yet (an open transaction, a rollback, a
--- delete). They are re-probed each run until the oldest running transaction is
--- newer than pending_xid, after which whatever is still missing can never appear.
+-- Per-crew watermark, moved only by discovery runs holding the crew's lock.
+-- Every id <= high_water_id has been read, except the ids in pending_ids: those
+-- were not visible yet (a writer's transaction still open, a rollback, a delete).
+-- They are re-probed each run until they are settled (see
+-- discovery_pending_settled), after which whatever is still missing never appears.
 CREATE TABLE crew_discovery_state (
     crew_code        text PRIMARY KEY REFERENCES crews (crew_code) ON DELETE CASCADE,
     high_water_id    bigint NOT NULL DEFAULT 0,
     pending_ids      int8multirange NOT NULL DEFAULT int8multirange(),
     pending_xid      xid8,
+    pending_vxids    text[],
+    -- What the last whole-crew pass saw: the table's delete+update counter, its
+    -- file (TRUNCATE swaps it) and the crew's client. A change means sessions may
+    -- have lost rows or moved tenant: the next run recomputes the crew.
     source_changes   bigint,
-    last_run_at      timestamptz,
-    last_success_at  timestamptz,
-    last_error       text,
+    source_filenode  oid,
+    client_code      text,
     updated_at       timestamptz NOT NULL DEFAULT now()
 );
+
+-- How each crew's last run went. Kept apart from the watermark so that a run that
+-- fails while another holds the crew's lock never touches the row that one updates.
+CREATE TABLE crew_discovery_status (
+    crew_code        text PRIMARY KEY REFERENCES crews (crew_code) ON DELETE CASCADE,
+    last_run_at      timestamptz NOT NULL DEFAULT now(),
+    last_success_at  timestamptz,
+    last_error       text
+);
+
+-- Virtual ids of the transactions running now, other than ours. A transaction
+-- has one from its start, while it gets a real xid only at its first write, and
+-- takes sequence values before that (COPY buffers rows, apps call nextval early).
+CREATE FUNCTION discovery_running_vxids()
+RETURNS text[]
+LANGUAGE sql STABLE
+AS $$
+    SELECT coalesce(array_agg(virtualxid), ARRAY[]::text[])
+    FROM pg_locks
+    WHERE locktype = 'virtualxid' AND pid IS DISTINCT FROM pg_backend_pid()
+$$;
+
+-- Pending ids recorded by the run with xid pending_xid, while the transactions
+-- pending_vxids were running, can be let go once every transaction that could
+-- own them has ended: no xid older than the recording run is running, and none
+-- of the transactions running back then (with or without an xid) still is.
+CREATE FUNCTION discovery_pending_settled(pending_xid xid8, pending_vxids text[])
+RETURNS boolean
+LANGUAGE sql STABLE
+AS $$
+    SELECT pending_xid IS NOT NULL
+       AND pg_snapshot_xmin(pg_current_snapshot()) > pending_xid
+       AND NOT EXISTS (
+           SELECT 1 FROM pg_locks
+           WHERE locktype = 'virtualxid' AND virtualxid = ANY(pending_vxids))
+$$;
 
 -- One row per chat session, kept by set-based incremental runs and exact
 -- partition recomputes.

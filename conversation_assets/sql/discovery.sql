@@ -7,7 +7,10 @@ SELECT c.crew_code, c.client_code, c.histories_table,
        coalesce(s.high_water_id, 0) AS high_water_id,
        coalesce(s.pending_ids, int8multirange())::text AS pending_ids,
        s.source_changes,
-       s.pending_xid::text AS pending_xid
+       s.source_filenode::bigint AS source_filenode,
+       s.client_code AS state_client_code,
+       s.pending_xid::text AS pending_xid,
+       s.pending_vxids
 FROM crews AS c
 LEFT JOIN crew_discovery_state AS s USING (crew_code)
 WHERE c.enabled AND (%(crew_codes)s::text[] IS NULL OR c.crew_code = ANY(%(crew_codes)s::text[]))
@@ -19,10 +22,13 @@ FROM pg_attribute AS a
 JOIN pg_type AS t ON t.oid = a.atttypid
 WHERE a.attrelid = %(relid)s AND a.attnum > 0 AND NOT a.attisdropped;
 
--- name: source_changes
--- Deleted or updated source rows since stats began: when this moves, an
--- incremental run reconciles the crew (inserts alone never need it).
-SELECT coalesce(n_tup_del + n_tup_upd, 0) FROM pg_stat_user_tables WHERE relid = %(relid)s;
+-- name: source_signature
+-- Deleted or updated source rows since stats began (n_tup_del + n_tup_upd of
+-- pg_stat_user_tables, read without the view), and the table's file: when
+-- either moves, an incremental run recomputes the crew (inserts never need it).
+SELECT pg_stat_get_tuples_deleted(%(relid)s::oid)
+           + pg_stat_get_tuples_updated(%(relid)s::oid) AS changes,
+       pg_relation_filenode(%(relid)s::oid::regclass)::bigint AS filenode;
 
 -- name: lock_crew
 -- Session-level, taken before the snapshot: one discovery writer per crew at a
@@ -38,20 +44,29 @@ INSERT INTO crew_discovery_state (crew_code) VALUES (%(crew_code)s)
 ON CONFLICT (crew_code) DO NOTHING;
 
 -- name: read_state
-SELECT high_water_id, pending_ids::text, pending_xid::text, source_changes
+SELECT high_water_id, pending_ids::text, pending_xid::text, pending_vxids,
+       source_changes, source_filenode::bigint AS source_filenode, client_code
 FROM crew_discovery_state WHERE crew_code = %(crew_code)s;
 
 -- name: record_success
-UPDATE crew_discovery_state
-SET last_run_at = now(), last_success_at = now(), last_error = NULL,
-    source_changes = coalesce(%(source_changes)s, source_changes), updated_at = now()
-WHERE crew_code = %(crew_code)s;
+-- Under the crew's lock, after its last step.
+WITH baseline AS (
+    UPDATE crew_discovery_state
+    SET source_changes = %(source_changes)s, source_filenode = %(source_filenode)s,
+        client_code = %(client_code)s
+    WHERE crew_code = %(crew_code)s AND %(settled)s
+)
+INSERT INTO crew_discovery_status AS s (crew_code, last_run_at, last_success_at, last_error)
+VALUES (%(crew_code)s, now(), now(), NULL)
+ON CONFLICT (crew_code) DO UPDATE
+SET last_run_at = now(), last_success_at = now(), last_error = NULL;
 
 -- name: record_failure
-INSERT INTO crew_discovery_state (crew_code, last_run_at, last_error)
+-- Possibly while another run holds the crew's lock: touches the status row only.
+INSERT INTO crew_discovery_status (crew_code, last_run_at, last_error)
 SELECT crew_code, now(), %(error)s FROM crews WHERE crew_code = %(crew_code)s
 ON CONFLICT (crew_code) DO UPDATE
-SET last_run_at = now(), last_error = EXCLUDED.last_error, updated_at = now();
+SET last_run_at = now(), last_error = EXCLUDED.last_error;
 
 -- name: merge_sessions
 -- Expects a CTE `src` (id, session_id, message, created_at). Classifies rows,
@@ -185,8 +200,7 @@ fresh_gaps AS (
 ),
 still_pending AS (
     SELECT CASE
-        WHEN %(pending_xid)s::xid8 IS NOT NULL
-             AND pg_snapshot_xmin(pg_current_snapshot()) > %(pending_xid)s::xid8
+        WHEN discovery_pending_settled(%(pending_xid)s::xid8, %(pending_vxids)s::text[])
             THEN int8multirange()
         ELSE %(pending)s::int8multirange
              - coalesce((SELECT range_agg(int8range(l.id, l.id, '[]')) FROM late AS l),
@@ -201,6 +215,12 @@ state AS (
             WHEN isempty(sp.ids + coalesce(fg.ids, int8multirange())) THEN NULL
             WHEN fg.ids IS NULL THEN s.pending_xid
             ELSE pg_current_xact_id() END,
+        pending_vxids = CASE
+            WHEN isempty(sp.ids + coalesce(fg.ids, int8multirange())) THEN NULL
+            WHEN fg.ids IS NULL THEN s.pending_vxids
+            -- Everything running now, which includes whatever of the older list
+            -- still runs.
+            ELSE discovery_running_vxids() END,
         updated_at = now()
     FROM still_pending AS sp, fresh_gaps AS fg
     WHERE s.crew_code = %(crew_code)s
@@ -276,9 +296,10 @@ SELECT (SELECT coalesce(sum(message_count), 0) FROM batch) + (SELECT count(*) FR
 SELECT (SELECT max(h.id)::bigint FROM {histories} AS h) AS max_id,
        (SELECT count(*) FROM unnest(%(pending)s::int8multirange) AS p(ids)
         JOIN {histories} AS h ON h.id >= lower(p.ids) AND h.id < upper(p.ids)) AS late_rows,
-       (SELECT coalesce(n_tup_del + n_tup_upd, 0) FROM pg_stat_user_tables
-        WHERE relid = %(table_name)s::regclass) AS source_changes,
-       coalesce(pg_snapshot_xmin(pg_current_snapshot()) > %(pending_xid)s::xid8, false)
+       pg_stat_get_tuples_deleted(%(table_name)s::regclass)
+           + pg_stat_get_tuples_updated(%(table_name)s::regclass) AS source_changes,
+       pg_relation_filenode(%(table_name)s::regclass)::bigint AS source_filenode,
+       discovery_pending_settled(%(pending_xid)s::xid8, %(pending_vxids)s::text[])
            AS pending_expired;
 
 -- name: new_work_starts
@@ -314,6 +335,6 @@ LIMIT %(sample_size)s;
 
 -- name: crew_errors
 SELECT c.crew_code, s.last_error
-FROM crews AS c JOIN crew_discovery_state AS s USING (crew_code)
+FROM crews AS c JOIN crew_discovery_status AS s USING (crew_code)
 WHERE c.enabled AND s.last_error IS NOT NULL
 ORDER BY c.crew_code;
