@@ -363,8 +363,8 @@ def discover_crew(
         settled = (
             reconcile or baseline is None or stats_reset or (mode == "full" and window is None)
         )
-        conn.execute(
-            query("record_success"),
+        _record_success(
+            conn,
             {
                 "crew_code": crew.crew_code,
                 "settled": settled,
@@ -434,6 +434,13 @@ def recount_sessions(conn: psycopg.Connection, crew: Crew, session_ids: Sequence
                 session_ids=session_ids,
             )
     return list(row["changed_sessions"] or [])
+
+
+def _record_success(conn: psycopg.Connection, params: dict[str, Any]) -> None:
+    """Bookkeeping only: it need not wait for its commit to reach the disk."""
+    with conn.transaction():
+        conn.execute("SET LOCAL synchronous_commit = off")
+        conn.execute(query("record_success"), params)
 
 
 def _idle(conn: psycopg.Connection, crew: Crew) -> bool:

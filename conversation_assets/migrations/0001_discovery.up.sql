@@ -91,7 +91,7 @@ CREATE TABLE discovered_sessions (
     updated_at           timestamptz NOT NULL DEFAULT now(),
     deleted_at           timestamptz,
     PRIMARY KEY (crew_code, session_id)
-);
+) WITH (fillfactor = 85);  -- room on each page: merges update in place (HOT)
 -- Serves: partition recomputes and partition reads (daily partitions by start).
 CREATE INDEX discovered_sessions_started_at_idx ON discovered_sessions (started_at);
 -- Serves: the product's "a client's live sessions, newest first".
