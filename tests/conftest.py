@@ -5,15 +5,15 @@ see each other's rows and a template clone costs milliseconds.
 """
 
 import os
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
-from psycopg.conninfo import make_conninfo
+from psycopg.conninfo import conninfo_to_dict
 
 from conversation_assets import migrate
+from conversation_assets.embedded import scratch_database
 from resources.postgres import PostgresResource
 
 
@@ -31,60 +31,27 @@ def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     server.cleanup()
 
 
-def _admin(server_url: str) -> psycopg.Connection:
-    return psycopg.connect(server_url, autocommit=True)
-
-
 @pytest.fixture(scope="session")
 def template_db(server_url: str) -> Iterator[str]:
-    name = f"cp_template_{uuid.uuid4().hex[:8]}"
-    with _admin(server_url) as conn:
-        conn.execute(psycopg.sql.SQL("CREATE DATABASE {}").format(psycopg.sql.Identifier(name)))
-    with psycopg.connect(make_conninfo(server_url, dbname=name), autocommit=True) as conn:
-        migrate.upgrade(conn)
-    yield name
-    with _admin(server_url) as conn:
-        conn.execute(
-            psycopg.sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-                psycopg.sql.Identifier(name)
-            )
-        )
-
-
-def create_database(server_url: str, template: str) -> str:
-    name = f"cp_test_{uuid.uuid4().hex[:12]}"
-    with _admin(server_url) as conn:
-        conn.execute(
-            psycopg.sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
-                psycopg.sql.Identifier(name), psycopg.sql.Identifier(template)
-            )
-        )
-    return name
-
-
-def drop_database(server_url: str, name: str) -> None:
-    with _admin(server_url) as conn:
-        conn.execute(
-            psycopg.sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-                psycopg.sql.Identifier(name)
-            )
-        )
+    """A migrated database that every test's database is copied from."""
+    with scratch_database(server_url, "cp_template") as url:
+        with psycopg.connect(url, autocommit=True) as conn:
+            migrate.upgrade(conn)
+        yield conninfo_to_dict(url)["dbname"]
 
 
 @pytest.fixture
 def db_url(server_url: str, template_db: str) -> Iterator[str]:
     """A fresh, migrated database of this test's own."""
-    name = create_database(server_url, template_db)
-    yield make_conninfo(server_url, dbname=name)
-    drop_database(server_url, name)
+    with scratch_database(server_url, "cp_test", template=template_db) as url:
+        yield url
 
 
 @pytest.fixture
 def other_db_url(server_url: str, template_db: str) -> Iterator[str]:
     """A second fresh database, for from-scratch comparisons."""
-    name = create_database(server_url, template_db)
-    yield make_conninfo(server_url, dbname=name)
-    drop_database(server_url, name)
+    with scratch_database(server_url, "cp_test", template=template_db) as url:
+        yield url
 
 
 @pytest.fixture

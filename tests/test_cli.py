@@ -5,17 +5,15 @@ keeps Dagster's storage on psycopg2. Self-contained: no fixture from conftest.py
 from __future__ import annotations
 
 import socket
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
 import sqlalchemy as sa
-from psycopg import sql
 
 from conversation_assets import cli, migrate
-from conversation_assets.embedded import EmbeddedPostgres, start_embedded
+from conversation_assets.embedded import EmbeddedPostgres, scratch_database, start_embedded
 
 
 @pytest.fixture(scope="module")
@@ -33,20 +31,10 @@ def cli_fresh_db_url(
     cli_test_server: EmbeddedPostgres, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[str]:
     """An empty database per test, exported as DATABASE_URL."""
-    name = f"cli_{uuid.uuid4().hex[:12]}"
-    admin = cli_test_server.url
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    url = admin.replace("/conversations?", f"/{name}?")
-    monkeypatch.setenv("DATABASE_URL", url)
-    monkeypatch.delenv("DAGSTER_PG_URL", raising=False)
-    try:
+    with scratch_database(cli_test_server.url, "cli") as url:
+        monkeypatch.setenv("DATABASE_URL", url)
+        monkeypatch.delenv("DAGSTER_PG_URL", raising=False)
         yield url
-    finally:
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-            )
 
 
 def _tables(url: str) -> set[str]:

