@@ -64,6 +64,8 @@ class Source:
     relid: int
     created_at: sql.Composable
     has_created_at: bool
+    session_id_type: str
+    has_session_index: bool
 
     @property
     def time_source(self) -> str:
@@ -76,6 +78,21 @@ class Source:
             histories=self.table,
             created_at=self.created_at,
             merge=sql.SQL(text("merge_sessions")),  # type: ignore[arg-type]
+            # Candidates are text; a uuid column is compared as uuid.
+            candidate=sql.SQL(
+                "session_id::uuid" if self.session_id_type == "uuid" else "session_id"
+            ),
+        )
+
+    def index_advice(self) -> str | None:
+        """Said, never done: the product's tables are the product's to change."""
+        if self.has_session_index:
+            return None
+        command = sql.SQL("CREATE INDEX CONCURRENTLY ON {} (session_id);").format(self.table)
+        return (
+            f"crew {self.crew.crew_code}: {self.crew.histories_table} has no index on "
+            f"session_id, so backfills and recomputes scan it whole; to make them follow "
+            f"the sessions they touch, run: {command.as_string()}"
         )
 
 
@@ -122,12 +139,15 @@ def inspect_source(conn: psycopg.Connection, crew: Crew) -> Source:
         )
     else:
         created_at = sql.SQL("NULL::timestamptz")
+    has_session_index = conn.execute(query("session_index_exists"), {"relid": relid}).fetchone()
     return Source(
         crew=crew,
         table=identifier,
         relid=relid,
         created_at=created_at,
         has_created_at=created_type in _TIMESTAMP_TYPES,
+        session_id_type=columns["session_id"],
+        has_session_index=bool(has_session_index and has_session_index[0]),
     )
 
 
@@ -175,6 +195,7 @@ class CrewOutcome:
     pending_after: str = "{}"
     reconciled: bool = False
     seconds: float = 0.0
+    advice: str | None = None
 
 
 @dataclass
@@ -358,6 +379,9 @@ def discover_crew(
             outcome.watermark_after = step["high_water_id"]
             outcome.pending_after = step["pending_ids"]
             outcome.reconciled = True
+            outcome.advice = source.index_advice()
+            if outcome.advice:
+                progress(outcome.advice)
         # A whole-crew recompute (or the very first run) makes the current
         # signature the baseline; a window recompute does not cover every session.
         settled = (

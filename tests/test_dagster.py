@@ -197,3 +197,21 @@ def test_sensor_requests_a_run_when_rows_were_only_deleted(conn, postgres):
         result = sensor(context)
     today = datetime.now(UTC).date().isoformat()
     assert [r.partition_key for r in result.run_requests] == [today]
+
+
+def test_a_backfill_offers_the_index_it_would_use_and_never_creates_it(conn, postgres):
+    add_crew(conn, "n8n_crew", "acme", "n8n_histories", "n8n")
+    add_crew(conn, "lc_crew", "acme", "lc_histories", "langchain")
+    insert(conn, "n8n_histories", "n8n", [("a", "human")])
+    insert(conn, "lc_histories", "langchain", [("0c6f6c58-9d3e-4a44-9d0e-1f4d5c8a0001", "ai", DAY)])
+
+    result = _materialize(postgres, DAY.date().isoformat())  # full mode
+
+    metadata = result.asset_materializations_for_node("discovered_sessions")[-1].metadata
+    advice = metadata["index_advice"].value
+    assert len(advice) == 1 and "n8n_histories" in advice[0]
+    assert 'CREATE INDEX CONCURRENTLY ON "n8n_histories" (session_id);' in advice[0]
+    indexes = conn.execute(
+        "SELECT count(*) FROM pg_indexes WHERE tablename = 'n8n_histories'"
+    ).fetchone()
+    assert indexes == (1,)  # the primary key only: the product's table is untouched

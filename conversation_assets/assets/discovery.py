@@ -76,6 +76,7 @@ def _report_metadata(report: DiscoveryReport) -> dict[str, Any]:
             {o.crew_code: [o.watermark_before, o.watermark_after] for o in report.succeeded}
         ),
         "crews": dg.MetadataValue.json({o.crew_code: _crew_metadata(o) for o in report.succeeded}),
+        "index_advice": dg.MetadataValue.json([o.advice for o in report.succeeded if o.advice]),
         "touched_partitions": dg.MetadataValue.json(partition_keys_for(report.touched_days)),
         "duration_ms": round(report.seconds * 1000, 1),
     }

@@ -22,6 +22,14 @@ FROM pg_attribute AS a
 JOIN pg_type AS t ON t.oid = a.atttypid
 WHERE a.attrelid = %(relid)s AND a.attnum > 0 AND NOT a.attisdropped;
 
+-- name: session_index_exists
+-- Does an index lead with session_id? Recomputes of chosen sessions use it.
+SELECT EXISTS (
+    SELECT 1 FROM pg_index AS i
+    JOIN pg_attribute AS a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+    WHERE i.indrelid = %(relid)s AND a.attname = 'session_id' AND i.indisvalid
+);
+
 -- name: source_signature
 -- Deleted or updated source rows since stats began (n_tup_del + n_tup_upd of
 -- pg_stat_user_tables, read without the view), and the table's file: when
@@ -261,7 +269,8 @@ src AS (
     FROM {histories} AS h
     WHERE h.id <= %(high_water)s
       AND NOT (h.id::bigint <@ %(pending)s::int8multirange)
-      AND (%(all_sessions)s OR h.session_id::text IN (SELECT session_id FROM candidates))
+      -- Compared in the column's own type, so an index on session_id serves it.
+      AND (%(all_sessions)s OR h.session_id IN (SELECT {candidate} FROM candidates))
 ),
 {merge},
 gone AS (
