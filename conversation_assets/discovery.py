@@ -5,8 +5,9 @@ column every known shape has), under a per-crew advisory lock and one
 REPEATABLE READ snapshot per batch, so the rows read and the watermark that
 covers them commit together. Ids below the watermark that were not visible yet
 (a transaction still open, rolled back, or deleted) are kept as *pending* and
-re-probed by primary key until PostgreSQL's oldest running transaction is newer
-than the run that saw them missing: only then can nothing commit into them.
+re-probed by primary key until every transaction that could still commit them
+has ended (see ``discovery_pending_settled`` in the first migration). Deletes,
+TRUNCATE and a crew moving client make the next run recompute the crew exactly.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import Any, Literal
 
 import psycopg
@@ -51,6 +52,7 @@ class Crew:
     source_changes: int | None = None
     source_filenode: int | None = None
     state_client_code: str | None = None
+    reconciled_at: datetime | None = None
     pending_xid: str | None = None
     pending_vxids: list[str] | None = None
 
@@ -313,6 +315,7 @@ def discover_crew(
     window: tuple[datetime, datetime] | None,
     batch_rows: int,
     progress: ProgressLog,
+    reconcile_after: timedelta = timedelta(0),
 ) -> CrewOutcome:
     """Catch the crew up past its watermark; in ``full`` mode also recompute the
     sessions starting in ``window`` exactly (all of them when ``window`` is None)."""
@@ -336,7 +339,7 @@ def discover_crew(
             and baseline is not None
             and not stats_reset
             and (
-                changes > baseline
+                (changes > baseline and _due(first["reconciled_at"], reconcile_after))
                 or signature["filenode"] != first["source_filenode"]
                 or crew.client_code != first["client_code"]
             )
@@ -408,6 +411,7 @@ def discover(
     window: tuple[datetime, datetime] | None = None,
     crew_codes: Sequence[str] | None = None,
     batch_rows: int = 200_000,
+    reconcile_after: timedelta = timedelta(0),
     progress: ProgressLog = log.info,
 ) -> DiscoveryReport:
     """Run discovery for every enabled crew (or ``crew_codes``); one crew's
@@ -415,13 +419,23 @@ def discover(
     started = time.monotonic()
     with pool.connection() as conn:
         crews = load_crews(conn, crew_codes)
-        idle = [crew.crew_code for crew in crews if mode == "incremental" and _idle(conn, crew)]
+        idle = [
+            crew.crew_code
+            for crew in crews
+            if mode == "incremental" and _idle(conn, crew, reconcile_after)
+        ]
     outcomes = []
     for crew in (crew for crew in crews if crew.crew_code not in idle):
         try:
             with pool.connection() as conn:
                 outcome = discover_crew(
-                    conn, crew, mode=mode, window=window, batch_rows=batch_rows, progress=progress
+                    conn,
+                    crew,
+                    mode=mode,
+                    window=window,
+                    batch_rows=batch_rows,
+                    progress=progress,
+                    reconcile_after=reconcile_after,
                 )
         except (CrewSourceError, psycopg.Error) as error:
             message = str(error).strip() or type(error).__name__
@@ -467,14 +481,20 @@ def _record_success(conn: psycopg.Connection, params: dict[str, Any]) -> None:
         conn.execute(query("record_success"), params)
 
 
-def _idle(conn: psycopg.Connection, crew: Crew) -> bool:
+def _due(reconciled_at: datetime | None, reconcile_after: timedelta) -> bool:
+    return reconciled_at is None or datetime.now(UTC) - reconciled_at >= reconcile_after
+
+
+def _idle(conn: psycopg.Connection, crew: Crew, reconcile_after: timedelta) -> bool:
     """Nothing new, nothing pending, nothing deleted: skip the crew (index probes only).
     A crew whose table cannot be probed is not idle: its run reports why."""
     try:
         probe = probe_crew(conn, crew)
     except (CrewSourceError, psycopg.Error):
         return False
-    return not probe.has_rows_past(crew.high_water_id) and probe.matches_baseline(crew)
+    return not probe.has_rows_past(crew.high_water_id) and probe.matches_baseline(
+        crew, reconcile_after
+    )
 
 
 def _record_failure(pool: ConnectionPool, crew_code: str, message: str) -> None:
@@ -499,12 +519,16 @@ class Probe:
     def has_rows_past(self, seen_id: int) -> bool:
         return self.max_id > seen_id or self.late_rows > 0
 
-    def matches_baseline(self, crew: Crew) -> bool:
-        """No pending ids to let go, no deletes, truncation or change of client."""
+    def matches_baseline(self, crew: Crew, reconcile_after: timedelta) -> bool:
+        """No pending ids to let go, no truncation or change of client, and no deletes
+        (or deletes whose recompute is not due yet)."""
         return (
             not self.pending_expired
             and crew.source_changes is not None
-            and self.source_changes == crew.source_changes
+            and (
+                self.source_changes == crew.source_changes
+                or not _due(crew.reconciled_at, reconcile_after)
+            )
             and self.source_filenode == crew.source_filenode
             and crew.client_code == crew.state_client_code
         )
@@ -541,7 +565,7 @@ class CrewWork:
 
 
 def probe_new_work(
-    conn: psycopg.Connection, cursor: dict[str, int]
+    conn: psycopg.Connection, cursor: dict[str, int], reconcile_after: timedelta = timedelta(0)
 ) -> tuple[list[CrewWork], list[str]]:
     """Crews with rows past ``cursor`` (or their watermark), or whose table lost rows,
     and the days their new rows' sessions start on (none known for lost rows).
@@ -552,7 +576,7 @@ def probe_new_work(
         try:
             probe = probe_crew(conn, crew)
             new_rows = probe.has_rows_past(seen)
-            if not new_rows and probe.matches_baseline(crew):
+            if not new_rows and probe.matches_baseline(crew, reconcile_after):
                 continue
             starts = []
             if new_rows:

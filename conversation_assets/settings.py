@@ -53,6 +53,13 @@ SETTINGS: tuple[Setting, ...] = (
         "still discovered, in no partition's backfill range.",
     ),
     Setting(
+        "DISCOVERY_RECONCILE_MINUTES",
+        "15",
+        "A crew whose table lost or changed rows (an n8n `clear()`) is recomputed "
+        "whole, one scan of its table, at most this often; `0`: on the next run. "
+        "TRUNCATE and a crew moving client are always handled on the next run.",
+    ),
+    Setting(
         "EMBEDDED_PGDATA",
         ".pgdata",
         "Data directory of the embedded PostgreSQL (used when DATABASE_URL is unset); "
@@ -134,6 +141,13 @@ def positive_int(name: str) -> int:
     if number <= 0:
         raise SettingError(f"{name}={value!r} must be a positive integer.")
     return number
+
+
+def reconcile_minutes() -> int:
+    value = raw("DISCOVERY_RECONCILE_MINUTES")
+    if not value.isdigit():
+        raise SettingError(f"DISCOVERY_RECONCILE_MINUTES={value!r} must be a whole number >= 0.")
+    return int(value)
 
 
 def partitions_start() -> str:

@@ -2,7 +2,7 @@
 
 import hashlib
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import dagster as dg
 
@@ -14,6 +14,8 @@ from resources.postgres import PostgresResource
 
 
 def build_new_histories_sensor() -> dg.SensorDefinition:
+    reconcile_after = timedelta(minutes=settings.reconcile_minutes())
+
     @dg.sensor(
         name="new_histories_sensor",
         job=discovery_job,
@@ -31,7 +33,7 @@ def build_new_histories_sensor() -> dg.SensorDefinition:
         # will read are not requested again.
         cursor: dict[str, int] = json.loads(context.cursor) if context.cursor else {}
         with postgres.connection() as conn:
-            work, problems = probe_new_work(conn, cursor)
+            work, problems = probe_new_work(conn, cursor, reconcile_after)
         for problem in problems:
             context.log.warning(f"cannot probe crew {problem}")
         if not work:

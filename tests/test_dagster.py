@@ -183,7 +183,8 @@ def test_readme_documents_every_setting():
     assert table == {s.name for s in settings.SETTINGS}
 
 
-def test_sensor_requests_a_run_when_rows_were_only_deleted(conn, postgres):
+def test_sensor_requests_a_run_when_rows_were_only_deleted(conn, postgres, monkeypatch):
+    monkeypatch.setenv("DISCOVERY_RECONCILE_MINUTES", "0")
     add_crew(conn, "crew", "acme", "histories", "n8n")
     insert(conn, "histories", "n8n", [("a", "human"), ("b", "human")])
     _materialize(postgres, DAY.date().isoformat(), INCREMENTAL_RUN_CONFIG)

@@ -425,3 +425,23 @@ def test_truncate_and_a_crew_moving_client_are_reconciled(conn, postgres):
         "SELECT DISTINCT client_code FROM discovered_sessions WHERE deleted_at IS NULL"
     ).fetchall()
     assert clients == [("globex",)]
+
+
+def test_deletes_wait_for_the_reconcile_interval_then_are_reconciled(conn, postgres):
+    add_crew(conn, "crew", "acme", "histories", "n8n")
+    insert(conn, "histories", "n8n", [("a", "human"), ("b", "human")])
+    every = timedelta(minutes=15)
+    discover(postgres.pool, reconcile_after=every)
+    conn.execute("DELETE FROM histories WHERE session_id = 'a'")
+    stats_flush(conn)
+
+    report = discover(postgres.pool, reconcile_after=every)  # no rescan yet
+    assert report.idle_crews == ["crew"]
+    insert(conn, "histories", "n8n", [("b", "ai")])
+    report = discover(postgres.pool, reconcile_after=every)  # new rows only
+    assert not report.outcomes[0].reconciled and report.total("rows_scanned") == 1
+
+    conn.execute("UPDATE crew_discovery_state SET reconciled_at = now() - interval '16 minutes'")
+    report = discover(postgres.pool, reconcile_after=every)
+    assert report.outcomes[0].reconciled
+    assert stored(conn, "crew", with_times=False) == recount(conn, "histories", False)

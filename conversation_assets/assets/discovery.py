@@ -7,6 +7,7 @@ from typing import Any, Literal
 import dagster as dg
 from pydantic import Field
 
+from conversation_assets import settings
 from conversation_assets.discovery import (
     CrewOutcome,
     DiscoveryReport,
@@ -34,6 +35,12 @@ class DiscoveryConfig(dg.Config):
         default_factory=list, description="Only these crew codes (every enabled crew if empty)."
     )
     batch_rows: int = Field(default=200_000, gt=0, description="Source rows read per transaction.")
+    reconcile_minutes: int = Field(
+        default_factory=settings.reconcile_minutes,
+        ge=0,
+        description="Recompute a crew whose table lost rows at most this often "
+        "(DISCOVERY_RECONCILE_MINUTES); 0: on the next run.",
+    )
 
 
 def partition_keys_for(days: set[date]) -> list[str]:
@@ -113,6 +120,7 @@ def discovered_sessions(
         window=(window.start, window.end),
         crew_codes=config.crews or None,
         batch_rows=config.batch_rows,
+        reconcile_after=timedelta(minutes=config.reconcile_minutes),
         progress=context.log.info,
     )
     for outcome in report.failed:

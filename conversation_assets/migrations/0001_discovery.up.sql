@@ -30,6 +30,7 @@ CREATE TABLE crew_discovery_state (
     source_changes   bigint,
     source_filenode  oid,
     client_code      text,
+    reconciled_at    timestamptz,
     updated_at       timestamptz NOT NULL DEFAULT now()
 );
 

@@ -9,6 +9,7 @@ SELECT c.crew_code, c.client_code, c.histories_table,
        s.source_changes,
        s.source_filenode::bigint AS source_filenode,
        s.client_code AS state_client_code,
+       s.reconciled_at,
        s.pending_xid::text AS pending_xid,
        s.pending_vxids
 FROM crews AS c
@@ -53,7 +54,7 @@ ON CONFLICT (crew_code) DO NOTHING;
 
 -- name: read_state
 SELECT high_water_id, pending_ids::text, pending_xid::text, pending_vxids,
-       source_changes, source_filenode::bigint AS source_filenode, client_code
+       source_changes, source_filenode::bigint AS source_filenode, client_code, reconciled_at
 FROM crew_discovery_state WHERE crew_code = %(crew_code)s;
 
 -- name: record_success
@@ -61,7 +62,7 @@ FROM crew_discovery_state WHERE crew_code = %(crew_code)s;
 WITH baseline AS (
     UPDATE crew_discovery_state
     SET source_changes = %(source_changes)s, source_filenode = %(source_filenode)s,
-        client_code = %(client_code)s
+        client_code = %(client_code)s, reconciled_at = now()
     WHERE crew_code = %(crew_code)s AND %(settled)s
 )
 INSERT INTO crew_discovery_status AS s (crew_code, last_run_at, last_success_at, last_error)
