@@ -185,6 +185,42 @@ class _Interrupted(Exception):
     """SIGINT or SIGTERM arrived: shut down in order, then exit 0."""
 
 
+def _cmd_track_deletes(args: argparse.Namespace) -> int:
+    """Print (or, with --apply, install) the change-log triggers on crews' tables."""
+
+    from conversation_assets.discovery import discover, histories_identifier, load_crews
+    from conversation_assets.queries import query
+    from resources.postgres import PostgresResource
+
+    url = database_url()
+    with psycopg.connect(url, autocommit=True) as conn:
+        crews = load_crews(conn, args.crews or None)
+        if not crews:
+            raise CliError("no enabled crew matches")
+        for crew in crews:
+            statement = query(
+                "track_changes",
+                histories=histories_identifier(crew.crew_code, crew.histories_table),
+            )
+            print(f"-- crew {crew.crew_code}\n{statement.as_string(conn)}")
+            if args.apply:
+                with conn.transaction():
+                    conn.execute(statement)
+    if not args.apply:
+        _say("nothing changed: run again with --apply to install these triggers")
+        return 0
+    # Deletes made before the triggers existed: one exact recompute of the crews.
+    resource = PostgresResource(database_url=url)
+    try:
+        report = discover(
+            resource.pool, mode="full", crew_codes=[c.crew_code for c in crews], progress=_say
+        )
+    finally:
+        resource.close()
+    _say(f"change log installed on {len(crews)} crew(s); {len(report.failed)} failed")
+    return 1 if report.failed else 0
+
+
 def _raise_interrupted(signum: int, _frame: FrameType | None) -> None:
     raise _Interrupted(signal.Signals(signum).name)
 
@@ -407,6 +443,14 @@ def _parser() -> argparse.ArgumentParser:
     migrate_cmd.set_defaults(handler=_cmd_migrate)
     demo_cmd = commands.add_parser("demo", help="migrate, then load demo data (idempotent)")
     demo_cmd.set_defaults(handler=_cmd_demo)
+    track_cmd = commands.add_parser(
+        "track-deletes",
+        help="print (or install with --apply) triggers that log the sessions a product "
+        "deletes, so runs recompute only those instead of rescanning the table",
+    )
+    track_cmd.add_argument("crews", nargs="*", help="crew codes (all enabled crews if none)")
+    track_cmd.add_argument("--apply", action="store_true", help="install the triggers")
+    track_cmd.set_defaults(handler=_cmd_track_deletes)
     dev_cmd = commands.add_parser(
         "dev", help="migrate, load demo data and run the Dagster UI and daemon"
     )

@@ -68,6 +68,7 @@ class Source:
     has_created_at: bool
     session_id_type: str
     has_session_index: bool
+    tracks_changes: bool
 
     @property
     def time_source(self) -> str:
@@ -141,7 +142,7 @@ def inspect_source(conn: psycopg.Connection, crew: Crew) -> Source:
         )
     else:
         created_at = sql.SQL("NULL::timestamptz")
-    has_session_index = conn.execute(query("session_index_exists"), {"relid": relid}).fetchone()
+    features = _one_row(conn, query("source_features"), {"relid": relid})
     return Source(
         crew=crew,
         table=identifier,
@@ -149,7 +150,8 @@ def inspect_source(conn: psycopg.Connection, crew: Crew) -> Source:
         created_at=created_at,
         has_created_at=created_type in _TIMESTAMP_TYPES,
         session_id_type=columns["session_id"],
-        has_session_index=bool(has_session_index and has_session_index[0]),
+        has_session_index=features["has_session_index"],
+        tracks_changes=features["tracks_changes"],
     )
 
 
@@ -198,6 +200,7 @@ class CrewOutcome:
     reconciled: bool = False
     seconds: float = 0.0
     advice: str | None = None
+    logged_sessions_recomputed: int = 0
 
 
 @dataclass
@@ -339,7 +342,12 @@ def discover_crew(
             and baseline is not None
             and not stats_reset
             and (
-                (changes > baseline and _due(first["reconciled_at"], reconcile_after))
+                # A table with the change log needs no rescan for deletes.
+                (
+                    changes > baseline
+                    and not source.tracks_changes
+                    and _due(first["reconciled_at"], reconcile_after)
+                )
                 or signature["filenode"] != first["source_filenode"]
                 or crew.client_code != first["client_code"]
             )
@@ -358,6 +366,8 @@ def discover_crew(
                 f"crew {crew.crew_code}: watermark {outcome.watermark_after}, "
                 f"{outcome.figures.rows_scanned} rows so far"
             )
+        if source.tracks_changes and not reconcile:
+            _recompute_logged_sessions(conn, source, outcome, batch_rows)
         if mode == "full" or reconcile:
             if reconcile:
                 progress(
@@ -388,7 +398,11 @@ def discover_crew(
         # A whole-crew recompute (or the very first run) makes the current
         # signature the baseline; a window recompute does not cover every session.
         settled = (
-            reconcile or baseline is None or stats_reset or (mode == "full" and window is None)
+            reconcile
+            or baseline is None
+            or stats_reset
+            or source.tracks_changes
+            or (mode == "full" and window is None)
         )
         _record_success(
             conn,
@@ -474,6 +488,32 @@ def recount_sessions(conn: psycopg.Connection, crew: Crew, session_ids: Sequence
     return list(row["changed_sessions"] or [])
 
 
+def _recompute_logged_sessions(
+    conn: psycopg.Connection, source: Source, outcome: CrewOutcome, batch_rows: int
+) -> None:
+    """Sessions the change-log triggers recorded (track-deletes), recomputed exactly in
+    the snapshot that takes them from the log: the cost follows what changed."""
+    with repeatable_read(conn):
+        step = _incremental_step(conn, source, _read_state(conn, source.crew.crew_code), batch_rows)
+        taken = _one_row(conn, query("take_changed_sessions"), {"relid": source.relid})
+        session_ids = taken["session_ids"]
+        redo = None
+        if session_ids:
+            redo = _recompute(
+                conn,
+                source,
+                high_water=step["high_water_id"],
+                pending=step["pending_ids"],
+                session_ids=session_ids,
+            )
+    outcome.figures.add(step)
+    outcome.watermark_after = step["high_water_id"]
+    outcome.pending_after = step["pending_ids"]
+    if redo is not None:
+        outcome.figures.add(redo)
+        outcome.logged_sessions_recomputed = len(session_ids)
+
+
 def _record_success(conn: psycopg.Connection, params: dict[str, Any]) -> None:
     """Bookkeeping only: it need not wait for its commit to reach the disk."""
     with conn.transaction():
@@ -515,6 +555,7 @@ class Probe:
     source_changes: int
     source_filenode: int
     pending_expired: bool
+    logged_changes: bool
 
     def has_rows_past(self, seen_id: int) -> bool:
         return self.max_id > seen_id or self.late_rows > 0
@@ -524,6 +565,7 @@ class Probe:
         (or deletes whose recompute is not due yet)."""
         return (
             not self.pending_expired
+            and not self.logged_changes
             and crew.source_changes is not None
             and (
                 self.source_changes == crew.source_changes
@@ -553,6 +595,7 @@ def probe_crew(conn: psycopg.Connection, crew: Crew) -> Probe:
         source_changes=row["source_changes"] or 0,
         source_filenode=row["source_filenode"],
         pending_expired=row["pending_expired"],
+        logged_changes=row["logged_changes"],
     )
 
 

@@ -1,6 +1,7 @@
 """Discovery against real PostgreSQL: exactness, concurrency, bad input, faults."""
 
 import json
+import os
 import random
 import threading
 import time
@@ -445,3 +446,36 @@ def test_deletes_wait_for_the_reconcile_interval_then_are_reconciled(conn, postg
     report = discover(postgres.pool, reconcile_after=every)
     assert report.outcomes[0].reconciled
     assert stored(conn, "crew", with_times=False) == recount(conn, "histories", False)
+
+
+def test_with_the_change_log_a_clear_recomputes_only_that_session(conn, postgres, db_url):
+    from conversation_assets import cli
+
+    add_crew(conn, "crew", "acme", "histories", "n8n")
+    insert(conn, "histories", "n8n", [(f"s{i % 30}", "human") for i in range(120)])
+    discover(postgres.pool)
+    conn.execute("DELETE FROM histories WHERE session_id = 's3'")  # before tracking
+    stats_flush(conn)
+
+    os.environ["DATABASE_URL"] = db_url
+    try:
+        assert cli.main(["track-deletes", "--apply", "crew"]) == 0
+    finally:
+        del os.environ["DATABASE_URL"]
+    assert stored(conn, "crew", with_times=False) == recount(conn, "histories", False)
+
+    conn.execute("DELETE FROM histories WHERE session_id = 's7'")  # n8n clear()
+    conn.execute(
+        "UPDATE histories SET message = jsonb_set(message, '{type}', '\"ai\"') "
+        "WHERE id = (SELECT min(id) FROM histories WHERE session_id = 's8')"
+    )
+    stats_flush(conn)
+    report = discover(postgres.pool, reconcile_after=timedelta(minutes=15))
+
+    outcome = report.outcomes[0]
+    assert not outcome.reconciled  # no rescan of the table
+    assert outcome.logged_sessions_recomputed == 2
+    assert outcome.figures.sessions_deleted == 1 and outcome.figures.sessions_updated == 1
+    assert stored(conn, "crew", with_times=False) == recount(conn, "histories", False)
+    assert conn.execute("SELECT count(*) FROM discovery_changed_sessions").fetchone() == (0,)
+    assert discover(postgres.pool, reconcile_after=timedelta(minutes=15)).idle_crews == ["crew"]

@@ -23,13 +23,36 @@ FROM pg_attribute AS a
 JOIN pg_type AS t ON t.oid = a.atttypid
 WHERE a.attrelid = %(relid)s AND a.attnum > 0 AND NOT a.attisdropped;
 
--- name: session_index_exists
--- Does an index lead with session_id? Recomputes of chosen sessions use it.
+-- name: source_features
+-- Does an index lead with session_id (recomputes of chosen sessions use it), and
+-- does the table carry the change-log triggers of `track-deletes`?
 SELECT EXISTS (
-    SELECT 1 FROM pg_index AS i
-    JOIN pg_attribute AS a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
-    WHERE i.indrelid = %(relid)s AND a.attname = 'session_id' AND i.indisvalid
-);
+           SELECT 1 FROM pg_index AS i
+           JOIN pg_attribute AS a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+           WHERE i.indrelid = %(relid)s AND a.attname = 'session_id' AND i.indisvalid
+       ) AS has_session_index,
+       (SELECT count(*) FROM pg_trigger
+        WHERE tgrelid = %(relid)s AND NOT tgisinternal AND tgenabled <> 'D'
+          AND tgname IN ('discovery_track_deletes', 'discovery_track_updates')) = 2
+           AS tracks_changes;
+
+-- name: take_changed_sessions
+-- The logged sessions visible in this snapshot; later ones stay for the next run.
+WITH taken AS (
+    DELETE FROM discovery_changed_sessions
+    WHERE histories_relid = %(relid)s
+    RETURNING session_id
+)
+SELECT coalesce(array_agg(DISTINCT session_id), ARRAY[]::text[]) AS session_ids FROM taken;
+
+-- name: track_changes
+-- Installed only when asked (`conversation-pipeline track-deletes --apply`).
+CREATE OR REPLACE TRIGGER discovery_track_deletes
+    AFTER DELETE ON {histories} REFERENCING OLD TABLE AS old_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION discovery_log_changed_sessions();
+CREATE OR REPLACE TRIGGER discovery_track_updates
+    AFTER UPDATE ON {histories} REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION discovery_log_changed_sessions();
 
 -- name: source_signature
 -- Deleted or updated source rows since stats began (n_tup_del + n_tup_upd of
@@ -310,7 +333,9 @@ SELECT (SELECT max(h.id)::bigint FROM {histories} AS h) AS max_id,
            + pg_stat_get_tuples_updated(%(table_name)s::regclass) AS source_changes,
        pg_relation_filenode(%(table_name)s::regclass)::bigint AS source_filenode,
        discovery_pending_settled(%(pending_xid)s::xid8, %(pending_vxids)s::text[])
-           AS pending_expired;
+           AS pending_expired,
+       EXISTS (SELECT 1 FROM discovery_changed_sessions
+               WHERE histories_relid = %(table_name)s::regclass) AS logged_changes;
 
 -- name: new_work_starts
 -- Start times of the sessions that rows past %(from_id)s (or pending ids now
