@@ -75,17 +75,28 @@ class Source:
         """Where session times come from (see discovered_sessions.time_source)."""
         return "created_at" if self.has_created_at else "discovery"
 
-    def query(self, name: str) -> sql.Composed:
+    def query(self, name: str, **parts: sql.Composable) -> sql.Composed:
         return query(
             name,
             histories=self.table,
             created_at=self.created_at,
             merge=sql.SQL(text("merge_sessions")),  # type: ignore[arg-type]
-            # Candidates are text; a uuid column is compared as uuid.
-            candidate=sql.SQL(
-                "session_id::uuid" if self.session_id_type == "uuid" else "session_id"
-            ),
+            **parts,
         )
+
+    def recompute_filters(self, every_session: bool) -> dict[str, sql.Composable]:
+        if every_session:
+            return {"source_filter": sql.SQL("TRUE"), "stored_filter": sql.SQL("TRUE")}
+        # Candidates are text; compared in the column's own type (a uuid as uuid), so
+        # an index on session_id serves the lookup.
+        if self.session_id_type == "uuid":
+            source_filter = sql.SQL("h.session_id IN (SELECT session_id::uuid FROM candidates)")
+        else:
+            source_filter = sql.SQL("h.session_id IN (SELECT session_id FROM candidates)")
+        return {
+            "source_filter": source_filter,
+            "stored_filter": sql.SQL("d.session_id IN (SELECT session_id FROM candidates)"),
+        }
 
     def index_advice(self) -> str | None:
         """Said, never done: the product's tables are the product's to change."""
@@ -278,15 +289,15 @@ def _recompute(
     window: tuple[datetime, datetime] | None = None,
     session_ids: Sequence[str] | None = None,
 ) -> dict[str, Any]:
+    every_session = window is None and session_ids is None
     return _one_row(
         conn,
-        source.query("recompute_sessions"),
+        source.query("recompute_sessions", **source.recompute_filters(every_session)),
         _params(
             source,
             replace=True,
             high_water=high_water,
             pending=pending,
-            all_sessions=window is None and session_ids is None,
             window_start=window[0] if window else None,
             window_end=window[1] if window else None,
             session_ids=list(session_ids) if session_ids is not None else None,

@@ -275,7 +275,10 @@ FROM state;
 -- name: recompute_sessions
 -- Exact recompute of a set of sessions (all of them, those starting in a time
 -- window, or a list) from the rows the watermark covers, in the same snapshot
--- as the watermark. Sessions with no rows left are soft-deleted.
+-- as the watermark. Sessions with no rows left are soft-deleted. {source_filter}
+-- and {stored_filter} are TRUE for all sessions, else a semi-join to candidates
+-- (spliced, not an OR on a parameter: an IN under an OR cannot become a join, and
+-- the session_id indexes would go unused).
 WITH candidates AS (
     SELECT d.session_id::text AS session_id
     FROM discovered_sessions AS d
@@ -293,8 +296,7 @@ src AS (
     FROM {histories} AS h
     WHERE h.id <= %(high_water)s
       AND NOT (h.id::bigint <@ %(pending)s::int8multirange)
-      -- Compared in the column's own type, so an index on session_id serves it.
-      AND (%(all_sessions)s OR h.session_id IN (SELECT {candidate} FROM candidates))
+      AND {source_filter}
 ),
 {merge},
 gone AS (
@@ -302,7 +304,7 @@ gone AS (
     SET deleted_at = now(), updated_at = now()
     WHERE d.crew_code = %(crew_code)s
       AND d.deleted_at IS NULL
-      AND (%(all_sessions)s OR d.session_id IN (SELECT session_id FROM candidates))
+      AND {stored_filter}
       AND NOT EXISTS (SELECT 1 FROM batch AS b WHERE b.session_id = d.session_id)
     RETURNING d.session_id, d.started_at
 )
