@@ -1,3 +1,4 @@
+from resources.embeddings import EmbeddingResource
 from resources.postgres import PostgresResource
 
-__all__ = ["PostgresResource"]
+__all__ = ["EmbeddingResource", "PostgresResource"]
