@@ -225,6 +225,10 @@ class DiscoveryReport:
         return [o for o in self.outcomes if o.error]
 
     @property
+    def errors(self) -> dict[str, str]:
+        return {o.crew_code: o.error for o in self.outcomes if o.error}
+
+    @property
     def succeeded(self) -> list[CrewOutcome]:
         return [o for o in self.outcomes if not o.error]
 
@@ -283,12 +287,13 @@ def _incremental_step(
 def _recompute(
     conn: psycopg.Connection,
     source: Source,
+    watermark: dict[str, Any],
     *,
-    high_water: int,
-    pending: str,
     window: tuple[datetime, datetime] | None = None,
     session_ids: Sequence[str] | None = None,
 ) -> dict[str, Any]:
+    """Recompute sessions from the rows ``watermark`` (a state or step row, read in
+    this transaction's snapshot) covers."""
     every_session = window is None and session_ids is None
     return _one_row(
         conn,
@@ -296,13 +301,24 @@ def _recompute(
         _params(
             source,
             replace=True,
-            high_water=high_water,
-            pending=pending,
+            high_water=watermark["high_water_id"],
+            pending=watermark["pending_ids"],
             window_start=window[0] if window else None,
             window_end=window[1] if window else None,
             session_ids=list(session_ids) if session_ids is not None else None,
         ),
     )
+
+
+def _catch_up(
+    conn: psycopg.Connection, source: Source, outcome: CrewOutcome, batch_rows: int
+) -> dict[str, Any]:
+    """One incremental batch in the current transaction, counted in ``outcome``."""
+    step = _incremental_step(conn, source, _read_state(conn, source.crew.crew_code), batch_rows)
+    outcome.figures.add(step)
+    outcome.watermark_after = step["high_water_id"]
+    outcome.pending_after = step["pending_ids"]
+    return step
 
 
 class _CrewLock:
@@ -365,12 +381,7 @@ def discover_crew(
         )
         while True:
             with repeatable_read(conn):
-                step = _incremental_step(
-                    conn, source, _read_state(conn, crew.crew_code), batch_rows
-                )
-            outcome.figures.add(step)
-            outcome.watermark_after = step["high_water_id"]
-            outcome.pending_after = step["pending_ids"]
+                step = _catch_up(conn, source, outcome, batch_rows)
             if step["fresh_rows"] < batch_rows:
                 break
             progress(
@@ -388,20 +399,9 @@ def discover_crew(
             # Same snapshot for the last catch-up and the recompute, so the rows
             # recomputed are exactly those the watermark covers.
             with repeatable_read(conn):
-                step = _incremental_step(
-                    conn, source, _read_state(conn, crew.crew_code), batch_rows
-                )
-                redo = _recompute(
-                    conn,
-                    source,
-                    high_water=step["high_water_id"],
-                    pending=step["pending_ids"],
-                    window=window if mode == "full" else None,
-                )
-            outcome.figures.add(step)
+                step = _catch_up(conn, source, outcome, batch_rows)
+                redo = _recompute(conn, source, step, window=window if mode == "full" else None)
             outcome.figures.add(redo)
-            outcome.watermark_after = step["high_water_id"]
-            outcome.pending_after = step["pending_ids"]
             outcome.reconciled = True
             outcome.advice = source.index_advice()
             if outcome.advice:
@@ -489,13 +489,7 @@ def recount_sessions(conn: psycopg.Connection, crew: Crew, session_ids: Sequence
     with _CrewLock(conn, crew.crew_code), repeatable_read(conn):
         state = _read_state(conn, crew.crew_code)
         with conn.transaction(force_rollback=True):
-            row = _recompute(
-                conn,
-                source,
-                high_water=state["high_water_id"],
-                pending=state["pending_ids"],
-                session_ids=session_ids,
-            )
+            row = _recompute(conn, source, state, session_ids=session_ids)
     return list(row["changed_sessions"] or [])
 
 
@@ -505,24 +499,12 @@ def _recompute_logged_sessions(
     """Sessions the change-log triggers recorded (track-deletes), recomputed exactly in
     the snapshot that takes them from the log: the cost follows what changed."""
     with repeatable_read(conn):
-        step = _incremental_step(conn, source, _read_state(conn, source.crew.crew_code), batch_rows)
+        step = _catch_up(conn, source, outcome, batch_rows)
         taken = _one_row(conn, query("take_changed_sessions"), {"relid": source.relid})
         session_ids = taken["session_ids"]
-        redo = None
         if session_ids:
-            redo = _recompute(
-                conn,
-                source,
-                high_water=step["high_water_id"],
-                pending=step["pending_ids"],
-                session_ids=session_ids,
-            )
-    outcome.figures.add(step)
-    outcome.watermark_after = step["high_water_id"]
-    outcome.pending_after = step["pending_ids"]
-    if redo is not None:
-        outcome.figures.add(redo)
-        outcome.logged_sessions_recomputed = len(session_ids)
+            outcome.figures.add(_recompute(conn, source, step, session_ids=session_ids))
+            outcome.logged_sessions_recomputed = len(session_ids)
 
 
 def _record_success(conn: psycopg.Connection, params: dict[str, Any]) -> None:

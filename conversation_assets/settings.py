@@ -98,10 +98,6 @@ SETTINGS: tuple[Setting, ...] = (
 _BY_NAME = {s.name: s for s in SETTINGS}
 
 
-def default(name: str) -> str:
-    return _BY_NAME[name].default
-
-
 def raw(name: str) -> str:
     """The value in force: the environment's, else the table's default."""
     value = os.environ.get(name, "").strip()

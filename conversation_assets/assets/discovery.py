@@ -78,7 +78,7 @@ def _report_metadata(report: DiscoveryReport) -> dict[str, Any]:
         "crews_succeeded": len(report.succeeded),
         "crews_failed": len(report.failed),
         "crews_idle": len(report.idle_crews),
-        "crew_errors": dg.MetadataValue.json({o.crew_code: o.error for o in report.failed}),
+        "crew_errors": dg.MetadataValue.json(report.errors),
         "watermarks": dg.MetadataValue.json(
             {o.crew_code: [o.watermark_before, o.watermark_after] for o in report.succeeded}
         ),
@@ -128,9 +128,7 @@ def discovered_sessions(
     if report.failed and not report.succeeded and not report.idle_crews:
         raise dg.Failure(
             description="discovery failed for every crew",
-            metadata={
-                "crew_errors": dg.MetadataValue.json({o.crew_code: o.error for o in report.failed})
-            },
+            metadata={"crew_errors": dg.MetadataValue.json(report.errors)},
         )
     metadata = _report_metadata(report)
     metadata["pool"] = dg.MetadataValue.json(postgres.pool_stats())
