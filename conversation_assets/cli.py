@@ -129,7 +129,9 @@ def run_migrations(url: str, down: int | None = None) -> None:
     """Apply every migration (or revert to ``down``) and say what changed."""
     with psycopg.connect(url, autocommit=True) as conn:
         if down is None:
-            changed = migrate.upgrade(conn)
+            from conversation_assets.embedding import configured_dimension
+
+            changed = migrate.upgrade(conn, embedding_dimension=configured_dimension)
             verb = "applied"
         else:
             changed = migrate.downgrade(conn, down)

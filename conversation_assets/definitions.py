@@ -3,15 +3,23 @@
 import dagster as dg
 
 from conversation_assets import settings
+from conversation_assets.assets.conversations import (
+    conversation_embeddings,
+    conversations,
+    conversations_match_sessions,
+    embedding_backlog_small,
+)
 from conversation_assets.assets.discovery import (
     crews_discoverable,
     discovered_sessions,
     discovered_sessions_match_source,
 )
-from jobs import discovery_job
+from jobs import discovery_job, embedding_job
+from resources.embeddings import EmbeddingResource
 from resources.postgres import PostgresResource
+from resources.summarizer import SummarizerResource
 from schedules import discovery_schedule
-from sensors import new_histories_sensor
+from sensors import embedding_backlog_sensor, new_histories_sensor
 
 postgres = PostgresResource(
     database_url=dg.EnvVar("DATABASE_URL"),
@@ -23,11 +31,30 @@ postgres = PostgresResource(
     application_name=settings.env_or_default("PG_APPLICATION_NAME"),
 )
 
+embeddings = EmbeddingResource(
+    backend=settings.env_or_default("EMBEDDING_BACKEND"),
+    model=settings.env_or_none("EMBEDDING_MODEL"),
+    base_url=settings.env_or_none("EMBEDDING_BASE_URL"),
+    api_key=settings.env_or_none("EMBEDDING_API_KEY"),
+)
+
+summarizer = SummarizerResource(
+    backend=settings.env_or_default("SUMMARIZER_BACKEND"),
+    model=settings.env_or_none("SUMMARIZER_MODEL"),
+    base_url=settings.env_or_none("SUMMARIZER_BASE_URL"),
+    api_key=settings.env_or_none("SUMMARIZER_API_KEY"),
+)
+
 defs = dg.Definitions(
-    assets=[discovered_sessions],
-    asset_checks=[discovered_sessions_match_source, crews_discoverable],
-    jobs=[discovery_job],
+    assets=[discovered_sessions, conversations, conversation_embeddings],
+    asset_checks=[
+        discovered_sessions_match_source,
+        crews_discoverable,
+        conversations_match_sessions,
+        embedding_backlog_small,
+    ],
+    jobs=[discovery_job, embedding_job],
     schedules=[discovery_schedule],
-    sensors=[new_histories_sensor],
-    resources={"postgres": postgres},
+    sensors=[new_histories_sensor, embedding_backlog_sensor],
+    resources={"postgres": postgres, "embeddings": embeddings, "summarizer": summarizer},
 )

@@ -189,11 +189,23 @@ def _message(shape: str) -> sql.Composable:
             ELSE (%(system)s::text[])[1 + m.h %% %(n_system)s]
         END"""
     )
+    # The user and channel ride on human messages (one user and channel a session,
+    # from a client's pool of users); the AI's "transferring you" turn is a handoff.
+    kwargs = sql.SQL(
+        """CASE m.type
+            WHEN 'human' THEN jsonb_build_object(
+                'user_id', 'user_' || (abs(hashtext(m.session_id::text)) %% 97)::text,
+                'channel', (ARRAY['web', 'telegram', 'whatsapp', 'messenger'])
+                               [1 + (abs(hashtext(m.session_id::text)) >> 8) %% 4])
+            WHEN 'ai' THEN CASE WHEN m.h %% %(n_ai)s = %(n_ai)s - 1
+                                THEN '{"handoff": true}'::jsonb ELSE '{}'::jsonb END
+            ELSE '{}'::jsonb END"""
+    )
     if shape == "langchain":
         well_formed = sql.SQL(
             """jsonb_build_object('type', m.type, 'data',
                    jsonb_build_object('content', {content}, 'type', m.type,
-                                      'additional_kwargs', '{{}}'::jsonb,
+                                      'additional_kwargs', {kwargs},
                                       'response_metadata', '{{}}'::jsonb,
                                       'name', NULL, 'id', NULL)
                    || CASE m.type
@@ -204,19 +216,19 @@ def _message(shape: str) -> sql.Composable:
                             'tool_call_id', 'call_' || left(md5(m.h::text), 24),
                             'name', 'lookup_order', 'status', 'success', 'artifact', NULL)
                         ELSE '{{}}'::jsonb END)"""
-        ).format(content=content)
+        ).format(content=content, kwargs=kwargs)
         no_type = sql.SQL(
             "jsonb_build_object('data', jsonb_build_object('content', {content}))"
         ).format(content=content)
     else:
         well_formed = sql.SQL(
             """jsonb_build_object('type', m.type, 'content', {content},
-                                  'additional_kwargs', '{{}}'::jsonb,
+                                  'additional_kwargs', {kwargs},
                                   'response_metadata', '{{}}'::jsonb)
                || CASE WHEN m.type = 'ai' THEN jsonb_build_object(
                       'tool_calls', '[]'::jsonb, 'invalid_tool_calls', '[]'::jsonb)
                   ELSE '{{}}'::jsonb END"""
-        ).format(content=content)
+        ).format(content=content, kwargs=kwargs)
         no_type = sql.SQL(
             "jsonb_build_object('content', {content}, 'additional_kwargs', '{{}}'::jsonb)"
         ).format(content=content)

@@ -7,6 +7,7 @@ advisory lock so that concurrent starters never apply one twice.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,8 +58,17 @@ def applied_versions(conn: psycopg.Connection) -> list[int]:
     return [row[0] for row in conn.execute("SELECT version FROM schema_migrations ORDER BY 1")]
 
 
-def upgrade(conn: psycopg.Connection, target: int | None = None) -> list[Migration]:
-    """Apply every migration up to ``target`` (all by default); return those applied."""
+def upgrade(
+    conn: psycopg.Connection,
+    target: int | None = None,
+    embedding_dimension: int | Callable[[], int] | None = None,
+) -> list[Migration]:
+    """Apply every migration up to ``target`` (all by default); return those applied.
+
+    ``embedding_dimension`` sizes the ``vector(N)`` column when the migration that
+    creates it runs (256, the bundled local model, when None). A callable is only
+    called then, so an HTTP model is not probed when the schema is up to date.
+    """
     applied: list[Migration] = []
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
@@ -67,6 +77,15 @@ def upgrade(conn: psycopg.Connection, target: int | None = None) -> list[Migrati
         for migration in load_migrations():
             if migration.version in done or (target is not None and migration.version > target):
                 continue
+            sized = "conversation_pipeline.embedding_dimension" in migration.up_sql
+            if sized and embedding_dimension is not None:
+                dimension = (
+                    embedding_dimension() if callable(embedding_dimension) else embedding_dimension
+                )
+                conn.execute(
+                    "SELECT set_config('conversation_pipeline.embedding_dimension', %s, true)",
+                    (str(int(dimension)),),
+                )
             with conn.transaction():
                 conn.execute(sql.SQL(migration.up_sql))  # type: ignore[arg-type]
                 conn.execute(

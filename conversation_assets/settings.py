@@ -88,6 +88,50 @@ SETTINGS: tuple[Setting, ...] = (
         "`application_name`, to find the pipeline's sessions in `pg_stat_activity`.",
     ),
     Setting(
+        "EMBEDDING_BACKEND",
+        "local",
+        "`local` (WordLlama's 256-d model bundled in its wheel, offline), `ollama` "
+        "(`/api/embed`) or `openai` (any OpenAI-compatible `/v1/embeddings`).",
+    ),
+    Setting(
+        "EMBEDDING_MODEL",
+        "(by backend)",
+        "Embedding model: `l2_supercat_256`, `nomic-embed-text` or `text-embedding-3-small` "
+        "by backend when unset.",
+    ),
+    Setting(
+        "EMBEDDING_BASE_URL",
+        "(by backend)",
+        "Server root of an HTTP embedding backend (no `/api` or `/v1`): "
+        "`http://127.0.0.1:11434` for ollama, `https://api.openai.com` for openai.",
+    ),
+    Setting("EMBEDDING_API_KEY", "(none)", "Bearer token of the openai backend."),
+    Setting(
+        "EMBEDDING_DIMENSION",
+        "(from the model)",
+        "Size N of `conversations.embedding vector(N)` when `migrate` creates it; unset: "
+        "asked of the configured model. A later mismatch stops the embedding step before "
+        "any write, printing the command that migrates the column.",
+    ),
+    Setting(
+        "EMBEDDING_SENSOR_INTERVAL_SECONDS",
+        "30",
+        "How often `embedding_backlog_sensor` looks for conversations waiting for a vector.",
+    ),
+    Setting(
+        "SUMMARIZER_BACKEND",
+        "extractive",
+        "`extractive` (deterministic, no network), or an LLM through `ollama` "
+        "(`/api/chat`) or `openai` (`/v1/chat/completions`).",
+    ),
+    Setting(
+        "SUMMARIZER_MODEL",
+        "(by backend)",
+        "LLM for summaries: `llama3.2` (ollama) or `gpt-4o-mini` (openai) when unset.",
+    ),
+    Setting("SUMMARIZER_BASE_URL", "(by backend)", "Server root of the LLM summarizer."),
+    Setting("SUMMARIZER_API_KEY", "(none)", "Bearer token of the openai summarizer."),
+    Setting(
         "DAGSTER_PG_URL",
         "(set by dev)",
         "Dagster's own run/event/schedule storage. Must be `postgresql+psycopg2://...`. "
@@ -107,6 +151,11 @@ def raw(name: str) -> str:
 def env_or_default(name: str) -> str | dg.EnvVar:
     """For resource fields: a ``dg.EnvVar`` (resolved at run time) when set."""
     return dg.EnvVar(name) if os.environ.get(name, "").strip() else _BY_NAME[name].default
+
+
+def env_or_none(name: str) -> dg.EnvVar | None:
+    """For optional resource fields whose default is the resource's own."""
+    return dg.EnvVar(name) if os.environ.get(name, "").strip() else None
 
 
 def env_int_or_default(name: str) -> int | dg.EnvVar:

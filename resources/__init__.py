@@ -1,4 +1,5 @@
 from resources.embeddings import EmbeddingResource
 from resources.postgres import PostgresResource
+from resources.summarizer import SummarizerResource
 
-__all__ = ["EmbeddingResource", "PostgresResource"]
+__all__ = ["EmbeddingResource", "PostgresResource", "SummarizerResource"]

@@ -10,7 +10,6 @@ per request and retry with exponential backoff on transient failures only.
 from __future__ import annotations
 
 import importlib.util
-import time
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -22,13 +21,20 @@ import requests
 from psycopg import sql
 from pydantic import Field, PrivateAttr
 
+from resources.http import (
+    API_KEY_DESCRIPTION,
+    BASE_URL_DESCRIPTION,
+    DEFAULT_BASE_URL,
+    json_headers,
+    post_json,
+)
+
 LOCAL_MODEL = "l2_supercat_256"
 _DEFAULT_MODEL = {
     "local": LOCAL_MODEL,
     "ollama": "nomic-embed-text",
     "openai": "text-embedding-3-small",
 }
-_DEFAULT_BASE_URL = {"ollama": "http://127.0.0.1:11434", "openai": "https://api.openai.com"}
 # Local models bundled in the wordllama wheel: name -> (tokenizer file, weights file).
 _BUNDLED = {
     "l2_supercat_256": (
@@ -36,7 +42,6 @@ _BUNDLED = {
         "weights/l2_supercat_256.safetensors",
     ),
 }
-_RETRYABLE_STATUS = frozenset({408, 429}) | frozenset(range(500, 600))
 
 
 class EmbeddingError(RuntimeError):
@@ -146,14 +151,8 @@ class EmbeddingResource(dg.ConfigurableResource):
         description="Model name; defaults to l2_supercat_256, nomic-embed-text or "
         "text-embedding-3-small by backend.",
     )
-    base_url: str | None = Field(
-        default=None,
-        description="Server root for HTTP backends (no /api or /v1 suffix); defaults to "
-        "http://127.0.0.1:11434 for ollama and https://api.openai.com for openai.",
-    )
-    api_key: str | None = Field(
-        default=None, description="Bearer token for the openai backend, sent only when set."
-    )
+    base_url: str | None = Field(default=None, description=BASE_URL_DESCRIPTION)
+    api_key: str | None = Field(default=None, description=API_KEY_DESCRIPTION)
     batch_size: int = Field(default=256, ge=1, description="Texts per model call or request.")
     timeout_seconds: float = Field(default=60.0, gt=0, description="Per-request timeout.")
     max_retries: int = Field(
@@ -173,7 +172,7 @@ class EmbeddingResource(dg.ConfigurableResource):
     @property
     def url(self) -> str:
         """The endpoint the HTTP backend posts to."""
-        base = (self.base_url or _DEFAULT_BASE_URL[self.backend]).rstrip("/")
+        base = (self.base_url or DEFAULT_BASE_URL[self.backend]).rstrip("/")
         return f"{base}/api/embed" if self.backend == "ollama" else f"{base}/v1/embeddings"
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
@@ -236,31 +235,15 @@ class EmbeddingResource(dg.ConfigurableResource):
         """POST with a per-request timeout; retry connection errors, timeouts, 408/429/5xx."""
         if self._session is None:
             self._session = requests.Session()
-        headers = {"Content-Type": "application/json"}
-        if self.backend == "openai" and self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        attempts = self.max_retries + 1
-        last_problem = ""
-        for attempt in range(attempts):
-            if attempt:
-                time.sleep(min(self.backoff_seconds * 2 ** (attempt - 1), 30.0))
-            try:
-                response = self._session.post(
-                    self.url, json=payload, headers=headers, timeout=self.timeout_seconds
-                )
-            except (requests.ConnectionError, requests.Timeout) as exc:
-                last_problem = f"{type(exc).__name__}: {exc}"
-                continue
-            if response.status_code in _RETRYABLE_STATUS:
-                last_problem = f"HTTP {response.status_code}: {response.text[:300]}"
-                continue
-            if response.status_code >= 400:
-                raise EmbeddingError(
-                    f"{self.backend} embedding request to {self.url} failed with HTTP "
-                    f"{response.status_code} (model {self.model_name!r}): {response.text[:500]}"
-                )
-            return response.json()
-        raise EmbeddingError(
-            f"{self.backend} embedding request to {self.url} failed after {attempts} attempts "
-            f"(timeout {self.timeout_seconds:g} s each); last: {last_problem}"
+        return post_json(
+            self._session,
+            self.url,
+            payload,
+            json_headers(self.api_key if self.backend == "openai" else None),
+            timeout_seconds=self.timeout_seconds,
+            max_retries=self.max_retries,
+            backoff_seconds=self.backoff_seconds,
+            what=f"{self.backend} embedding request",
+            error_cls=EmbeddingError,
+            model=self.model_name,
         )

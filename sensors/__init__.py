@@ -9,7 +9,8 @@ import dagster as dg
 from conversation_assets import settings
 from conversation_assets.assets.discovery import partition_keys_for
 from conversation_assets.discovery import probe_new_work
-from jobs import INCREMENTAL_RUN_CONFIG, discovery_job
+from conversation_assets.embedding import backlog_size
+from jobs import INCREMENTAL_RUN_CONFIG, discovery_job, embedding_job
 from resources.postgres import PostgresResource
 
 
@@ -62,3 +63,42 @@ def build_new_histories_sensor() -> dg.SensorDefinition:
 
 
 new_histories_sensor = build_new_histories_sensor()
+
+_ACTIVE_RUN_STATUSES = [
+    dg.DagsterRunStatus.QUEUED,
+    dg.DagsterRunStatus.NOT_STARTED,
+    dg.DagsterRunStatus.STARTING,
+    dg.DagsterRunStatus.STARTED,
+]
+
+
+def build_embedding_backlog_sensor() -> dg.SensorDefinition:
+    @dg.sensor(
+        name="embedding_backlog_sensor",
+        job=embedding_job,
+        minimum_interval_seconds=settings.positive_int("EMBEDDING_SENSOR_INTERVAL_SECONDS"),
+        default_status=dg.DefaultSensorStatus.RUNNING
+        if settings.background_jobs_enabled()
+        else dg.DefaultSensorStatus.STOPPED,
+        description="Starts embedding_job when conversations wait for a vector and no "
+        "embedding run is queued or running (one drain at a time).",
+    )
+    def embedding_backlog_sensor(
+        context: dg.SensorEvaluationContext, postgres: PostgresResource
+    ) -> dg.RunRequest | dg.SkipReason:
+        with postgres.connection() as conn:
+            waiting = backlog_size(conn)
+        if not waiting:
+            return dg.SkipReason("no conversation waits for a vector")
+        active = context.instance.get_run_records(
+            filters=dg.RunsFilter(job_name=embedding_job.name, statuses=_ACTIVE_RUN_STATUSES),
+            limit=1,
+        )
+        if active:
+            return dg.SkipReason(f"{waiting} waiting; an embedding run is already under way")
+        return dg.RunRequest(tags={"embedding/backlog": str(waiting)})
+
+    return embedding_backlog_sensor
+
+
+embedding_backlog_sensor = build_embedding_backlog_sensor()

@@ -14,13 +14,14 @@ from conversation_assets.assets.discovery import (
     discovered_sessions,
     discovered_sessions_match_source,
 )
-from jobs import INCREMENTAL_RUN_CONFIG
 from schedules import build_discovery_schedule, discovery_cron
 from sensors import build_new_histories_sensor
 from tests.sources import add_crew, insert
 
 ROOT = Path(__file__).resolve().parents[1]
 DAY = datetime(2026, 11, 20, 9, 0, tzinfo=UTC)
+# What the sensor and schedule send, for discovered_sessions alone.
+INCREMENTAL_RUN_CONFIG = {"ops": {"discovered_sessions": {"config": {"mode": "incremental"}}}}
 
 
 def test_definitions_load_with_the_expected_names():
@@ -28,15 +29,24 @@ def test_definitions_load_with_the_expected_names():
 
     graph = defs.resolve_asset_graph()
     assert sorted(key.to_user_string() for key in graph.get_all_asset_keys()) == [
-        "discovered_sessions"
+        "conversation_embeddings",
+        "conversations",
+        "discovered_sessions",
     ]
     assert sorted(check.name for check in graph.asset_check_keys) == [
+        "conversations_match_sessions",
         "crews_discoverable",
         "discovered_sessions_match_source",
+        "embedding_backlog_small",
     ]
     assert defs.resolve_job_def("discovery_job").partitions_def is not None
+    assert defs.resolve_job_def("embedding_job").partitions_def is None
     assert defs.resolve_schedule_def("discovery_schedule").cron_schedule == "*/5 * * * *"
-    assert defs.resolve_sensor_def("new_histories_sensor").name == "new_histories_sensor"
+    assert {sensor.name for sensor in defs.sensors or []} == {
+        "new_histories_sensor",
+        "embedding_backlog_sensor",
+    }
+    assert set(defs.resources or {}) == {"postgres", "embeddings", "summarizer"}
 
 
 def _materialize(postgres, partition_key, config=None, assets=(discovered_sessions,)):

@@ -128,7 +128,8 @@ batch AS (
            min(c.id) AS first_id,
            max(c.id) AS last_id,
            coalesce(min(c.created_at), now()) AS first_at,
-           coalesce(max(c.created_at), now()) AS last_at
+           coalesce(max(c.created_at), now()) AS last_at,
+           bit_xor(hashtextextended(c.id::text || ':' || c.message::text, 0)) AS checksum
     FROM checked AS c
     WHERE c.reject_reason IS NULL
     GROUP BY c.session_id
@@ -154,7 +155,9 @@ final AS (
            CASE WHEN %(time_source)s = 'discovery'
                     THEN CASE WHEN k.live AND %(replace)s THEN d.ended_at ELSE now() END
                 WHEN k.merge THEN greatest(d.ended_at, b.last_at)
-                ELSE b.last_at END AS ended_at
+                ELSE b.last_at END AS ended_at,
+           CASE WHEN k.merge THEN d.content_checksum # b.checksum ELSE b.checksum END
+               AS checksum
     FROM batch AS b
     LEFT JOIN discovered_sessions AS d
            ON d.crew_code = %(crew_code)s AND d.session_id = b.session_id
@@ -166,9 +169,11 @@ final AS (
 merged AS (
     INSERT INTO discovered_sessions AS d (
         crew_code, session_id, client_code, message_count, human_message_count,
-        ai_message_count, first_message_id, last_message_id, started_at, ended_at, time_source)
+        ai_message_count, first_message_id, last_message_id, started_at, ended_at, time_source,
+        content_checksum)
     SELECT %(crew_code)s, f.session_id, %(client_code)s, f.message_count, f.human_count,
-           f.ai_count, f.first_id, f.last_id, f.started_at, f.ended_at, %(time_source)s
+           f.ai_count, f.first_id, f.last_id, f.started_at, f.ended_at, %(time_source)s,
+           f.checksum
     FROM final AS f
     ON CONFLICT (crew_code, session_id) DO UPDATE
     SET client_code = EXCLUDED.client_code,
@@ -180,16 +185,26 @@ merged AS (
         started_at = EXCLUDED.started_at,
         ended_at = EXCLUDED.ended_at,
         time_source = EXCLUDED.time_source,
+        content_checksum = EXCLUDED.content_checksum,
         deleted_at = NULL,
         updated_at = now()
     WHERE d.deleted_at IS NOT NULL
        OR (d.client_code, d.message_count, d.human_message_count, d.ai_message_count,
-           d.first_message_id, d.last_message_id, d.started_at, d.ended_at, d.time_source)
+           d.first_message_id, d.last_message_id, d.started_at, d.ended_at, d.time_source,
+           d.content_checksum)
           IS DISTINCT FROM
           (EXCLUDED.client_code, EXCLUDED.message_count, EXCLUDED.human_message_count,
            EXCLUDED.ai_message_count, EXCLUDED.first_message_id, EXCLUDED.last_message_id,
-           EXCLUDED.started_at, EXCLUDED.ended_at, EXCLUDED.time_source)
+           EXCLUDED.started_at, EXCLUDED.ended_at, EXCLUDED.time_source,
+           EXCLUDED.content_checksum)
     RETURNING d.session_id, d.started_at
+),
+-- The conversation builder's to-do list, written in this same transaction.
+queued AS (
+    INSERT INTO conversation_queue AS q (crew_code, session_id)
+    SELECT %(crew_code)s, m.session_id FROM merged AS m
+    ON CONFLICT (crew_code, session_id) DO UPDATE
+    SET version = q.version + 1, queued_at = now()
 ),
 changed AS (
     SELECT m.session_id, f.is_new, m.started_at, f.previous_started_at
@@ -307,6 +322,12 @@ gone AS (
       AND {stored_filter}
       AND NOT EXISTS (SELECT 1 FROM batch AS b WHERE b.session_id = d.session_id)
     RETURNING d.session_id, d.started_at
+),
+gone_queued AS (
+    INSERT INTO conversation_queue AS q (crew_code, session_id)
+    SELECT %(crew_code)s, g.session_id FROM gone AS g
+    ON CONFLICT (crew_code, session_id) DO UPDATE
+    SET version = q.version + 1, queued_at = now()
 )
 SELECT (SELECT coalesce(sum(message_count), 0) FROM batch) + (SELECT count(*) FROM rejected)
            AS fresh_rows,

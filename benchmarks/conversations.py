@@ -1,0 +1,318 @@
+"""Conversations benchmark: bulk and single upserts, user lookups, local embeddings and
+semantic search, each beside seed 003's one-insert-per-conversation way, same run.
+
+Run: ``python benchmarks/conversations.py [--n 100000] [--clients 20] [--naive 5000]
+[--queries 200] [--keep-db]`` (``--n 1000000`` for the 1M-vector search figure).
+Uses an embedded PostgreSQL in the system temp dir, or ``DATABASE_URL`` (in a
+database it creates and drops). Figures and the machine go to benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
+
+import psycopg
+from conversation_assets.reads import exact_search, list_conversations, semantic_search
+from discovery import database, load_average, machine  # benchmarks/discovery.py
+from pgvector.psycopg import register_vector
+
+from conversation_assets import demo, migrate
+from conversation_assets.embedding import embed_backlog
+from conversation_assets.store import ConversationRecord, upsert_conversations
+from resources.embeddings import EmbeddingResource
+from resources.postgres import PostgresResource
+
+BARS = {"bulk": 20_000.0, "embed": 2_000.0, "search_p95_ms": 20.0, "recall": 0.95}
+BATCH = 5_000
+START = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def records(n: int, clients: int, seed: int = 3, prefix: str = "s") -> list[ConversationRecord]:
+    """Conversations of ~1 KB: 4-12 demo turns, Zipf-sized clients, 200 users each."""
+    rng = random.Random(seed)
+    weights = [1 / (rank + 1) for rank in range(clients)]
+    out = []
+    for i in range(n):
+        client = rng.choices(range(clients), weights)[0]
+        turns = []
+        for _ in range(rng.randint(2, 6)):
+            turns.append(f"User: {rng.choice(demo._HUMAN)}")
+            turns.append(f"Assistant: {rng.choice(demo._AI)}")
+        transcript = "\n".join(turns)
+        out.append(
+            ConversationRecord(
+                client_code=f"client{client:02d}",
+                crew_code=f"crew{client:02d}",
+                session_id=f"{prefix}{i:08d}",
+                user_id=f"user{rng.randrange(200):03d}",
+                channel=rng.choice(["web", "telegram", "whatsapp"]),
+                full_conversation=transcript,
+                summary=transcript[:200],
+                metadata={
+                    "message_count": len(turns),
+                    "language": "en",
+                    "sentiment": {"compound": round(rng.uniform(-1, 1), 4)},
+                    "summarizer": "extractive",
+                },
+                message_count=len(turns),
+                sentiment=round(rng.uniform(-1, 1), 4),
+                language="en",
+                created_at=START + timedelta(seconds=i * 30),
+                last_message_at=START + timedelta(seconds=i * 30 + 300),
+            )
+        )
+    return out
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def latencies_ms(work: Callable[[int], object], count: int) -> list[float]:
+    out = []
+    for i in range(count):
+        started = time.perf_counter()
+        work(i)
+        out.append((time.perf_counter() - started) * 1000)
+    return out
+
+
+def show(label: str, values_ms: Sequence[float]) -> str:
+    return (
+        f"{label}: p50 {statistics.median(values_ms):.2f} ms, "
+        f"p95 {percentile(values_ms, 0.95):.2f} ms"
+    )
+
+
+# --- seed 003's way --------------------------------------------------------------
+
+NAIVE_INSERT = """
+INSERT INTO conversations (id, client_code, crew_code, session_id, user_id, channel, summary,
+    full_conversation, metadata, status, message_count, sentiment, language, created_at,
+    last_message_at)
+VALUES (conversation_id(%(crew)s, %(session)s), %(client)s, %(crew)s, %(session)s, %(user)s,
+    %(channel)s, %(summary)s, %(text)s, %(metadata)s, 'active', %(count)s, %(sentiment)s,
+    %(language)s, %(created)s, %(last)s)
+ON CONFLICT (id) DO UPDATE SET summary = EXCLUDED.summary,
+    full_conversation = EXCLUDED.full_conversation, metadata = EXCLUDED.metadata"""
+
+
+def naive_params(r: ConversationRecord) -> dict[str, object]:
+    return {
+        "crew": r.crew_code,
+        "session": r.session_id,
+        "client": r.client_code,
+        "user": r.user_id,
+        "channel": r.channel,
+        "summary": r.summary,
+        "text": r.full_conversation,
+        "metadata": json.dumps(r.metadata),
+        "count": r.message_count,
+        "sentiment": r.sentiment,
+        "language": r.language,
+        "created": r.created_at,
+        "last": r.last_message_at,
+    }
+
+
+def one_insert_per_conversation(conn: psycopg.Connection, batch: list[ConversationRecord]) -> float:
+    """Seed 003's way: one statement (and one commit) per conversation. Seconds."""
+    started = time.perf_counter()
+    for r in batch:
+        conn.execute(NAIVE_INSERT, naive_params(r))
+    return time.perf_counter() - started
+
+
+# --- the measurements --------------------------------------------------------------
+
+
+def bulk(conn: psycopg.Connection, data: list[ConversationRecord], naive: int) -> None:
+    started = time.perf_counter()
+    for i in range(0, len(data), BATCH):
+        report = upsert_conversations(conn, data[i : i + BATCH])
+        assert report.rejected == 0
+    ours = len(data) / (time.perf_counter() - started)
+    conn.execute("VACUUM ANALYZE conversations")
+
+    started = time.perf_counter()
+    for i in range(0, len(data), BATCH):
+        upsert_conversations(conn, data[i : i + BATCH])
+    unchanged = len(data) / (time.perf_counter() - started)
+
+    extra = records(naive, 1, seed=99, prefix="naive")
+    theirs = naive / one_insert_per_conversation(conn, extra)
+    print(
+        f"bulk upsert, {len(data):,} new conversations (COPY + one INSERT ... ON CONFLICT "
+        f"per {BATCH:,}): {ours:,.0f}/s; seed 003's one insert per conversation "
+        f"({naive:,} rows, same table): {theirs:,.0f}/s -> {ours / theirs:.1f}x "
+        f"[bar {BARS['bulk']:,.0f}/s: {'met' if ours >= BARS['bulk'] else 'NOT met'}]"
+    )
+    print(
+        f"bulk upsert of the same {len(data):,} unchanged (nothing rewritten): {unchanged:,.0f}/s"
+    )
+
+
+def single(conn: psycopg.Connection, data: list[ConversationRecord], count: int = 500) -> None:
+    rng = random.Random(5)
+    picks = [rng.choice(data) for _ in range(count)]
+
+    def ours(i: int) -> None:
+        r = picks[i]
+        r.summary = f"changed {i}"
+        upsert_conversations(conn, [r])
+
+    def theirs(i: int) -> None:
+        r = picks[i]
+        r.summary = f"changed again {i}"
+        conn.execute(NAIVE_INSERT, naive_params(r))
+
+    print(
+        show(f"single upsert ({count} changed conversations, our path)", latencies_ms(ours, count))
+    )
+    print(
+        show(
+            "single upsert, one bare INSERT ... ON CONFLICT (the floor)",
+            latencies_ms(theirs, count),
+        )
+    )
+
+
+def lookups(conn: psycopg.Connection, data: list[ConversationRecord], count: int = 1000) -> None:
+    rng = random.Random(8)
+    picks = [rng.choice(data) for _ in range(count)]
+
+    def page(i: int) -> None:
+        list_conversations(conn, picks[i].client_code, user_id=picks[i].user_id, page_size=20)
+
+    def bare(i: int) -> None:
+        conn.execute(
+            "SELECT id, summary, created_at FROM conversations WHERE client_code = %s "
+            "AND user_id = %s AND deleted_at IS NULL ORDER BY created_at DESC LIMIT 20",
+            (picks[i].client_code, picks[i].user_id),
+        ).fetchall()
+
+    print(show("user lookup, list_conversations page of 20 + total", latencies_ms(page, count)))
+    print(
+        show("user lookup, the bare indexed SELECT ... LIMIT 20 (floor)", latencies_ms(bare, count))
+    )
+
+
+def embeddings(url: str, conn: psycopg.Connection) -> None:
+    embedder = EmbeddingResource()
+    embedder.dimension()  # load the model outside the timings
+    sample = [
+        r[0]
+        for r in conn.execute(
+            "SELECT full_conversation FROM conversations ORDER BY id LIMIT 2000"
+        ).fetchall()
+    ]
+    started = time.perf_counter()
+    for text in sample:
+        embedder.embed([text])  # seed 003: one model call per conversation
+    one_by_one = len(sample) / (time.perf_counter() - started)
+
+    # Big indexes after bulk loads: the HNSW index is built once the vectors are in.
+    conn.execute("DROP INDEX conversations_embedding_hnsw_idx")
+    postgres = PostgresResource(database_url=url, application_name="bench-conversations")
+    try:
+        report = embed_backlog(postgres.pool, embedder, batch_size=2048)
+    finally:
+        postgres.close()
+    print(
+        f"local embeddings through the embedding step ({report.texts_sent:,} texts sent, "
+        f"{report.cache_hits:,} cache hits): model {report.texts_per_second:,.0f} "
+        f"transcripts/s, whole step {report.embedded / report.seconds:,.0f}/s; seed 003's "
+        f"one call per conversation: {one_by_one:,.0f}/s -> "
+        f"{report.texts_per_second / one_by_one:.1f}x "
+        f"[bar {BARS['embed']:,.0f}/s: "
+        f"{'met' if report.texts_per_second >= BARS['embed'] else 'NOT met'}]"
+    )
+    started = time.perf_counter()
+    conn.execute("SET maintenance_work_mem = '1GB'")
+    conn.execute(
+        "CREATE INDEX conversations_embedding_hnsw_idx ON conversations "
+        "USING hnsw (embedding vector_cosine_ops) WHERE embedding IS NOT NULL"
+    )
+    conn.execute("ANALYZE conversations")
+    print(
+        f"HNSW index build over {report.embedded:,} vectors: {time.perf_counter() - started:.1f} s"
+    )
+
+
+def search(conn: psycopg.Connection, data: list[ConversationRecord], queries: int) -> None:
+    embedder = EmbeddingResource()
+    rng = random.Random(13)
+    picks = [rng.choice(data) for _ in range(queries)]
+    texts = [f"{rng.choice(demo._HUMAN)} {rng.choice(demo._HUMAN)}" for _ in picks]
+    vectors = embedder.embed(texts)
+    sizes = dict(conn.execute("SELECT client_code, count(*) FROM conversations GROUP BY 1"))
+    for ef in (40, 100):
+        timings, recalls, small = [], [], []
+        for pick, vector in zip(picks, vectors, strict=True):
+            started = time.perf_counter()
+            hits = semantic_search(conn, pick.client_code, vector, k=10, ef_search=ef)
+            timings.append((time.perf_counter() - started) * 1000)
+            truth = {h.conversation.id for h in exact_search(conn, pick.client_code, vector, k=10)}
+            recall = len({h.conversation.id for h in hits} & truth) / max(len(truth), 1)
+            recalls.append(recall)
+            if sizes[pick.client_code] < 0.02 * len(data):
+                small.append(recall)
+        p95 = percentile(timings, 0.95)
+        recall = statistics.mean(recalls)
+        met = p95 <= BARS["search_p95_ms"] and recall >= BARS["recall"]
+        small_note = (
+            f"; clients under 2% of rows ({len(small)} queries): recall@10 "
+            f"{statistics.mean(small):.3f}"
+            if small
+            else ""
+        )
+        print(
+            f"semantic search top-10 within one client, {len(data):,} vectors, "
+            f"{len(sizes)} clients, ef_search {ef}, iterative scan: p50 "
+            f"{statistics.median(timings):.2f} ms, p95 {p95:.2f} ms, recall@10 {recall:.3f}"
+            f"{small_note} [bar p95 <= {BARS['search_p95_ms']:.0f} ms at recall >= "
+            f"{BARS['recall']}: {'met' if met else 'NOT met'}]"
+        )
+    exact = latencies_ms(lambda i: exact_search(conn, picks[i].client_code, vectors[i]), 50)
+    print(show("exact search (no index, the recall reference)", exact))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=100_000, help="Conversations (and vectors).")
+    parser.add_argument("--clients", type=int, default=20)
+    parser.add_argument("--naive", type=int, default=5_000, help="Rows for seed 003's way.")
+    parser.add_argument("--queries", type=int, default=200)
+    parser.add_argument("--keep-db", action="store_true")
+    args = parser.parse_args()
+
+    info = machine()
+    print(f"machine: {info['cpu']}, {info['cores']} cores, {info['ram']}, python {info['python']}")
+    data = records(args.n, args.clients)
+    mean_chars = sum(len(r.full_conversation or "") for r in data) / len(data)
+    print(
+        f"data: {args.n:,} conversations, {args.clients} clients (Zipf), mean transcript "
+        f"{mean_chars:,.0f} characters"
+    )
+    with database(args.keep_db) as url, psycopg.connect(url, autocommit=True) as conn:
+        migrate.upgrade(conn)
+        register_vector(conn)
+        server = conn.execute("SHOW server_version").fetchone()[0]
+        print(f"postgresql {server}; load average before: {load_average()}")
+        bulk(conn, data, args.naive)
+        single(conn, data)
+        lookups(conn, data)
+        embeddings(url, conn)
+        search(conn, data, args.queries)
+        print(f"load average after: {load_average()}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,210 @@
+"""The ``conversations`` and ``conversation_embeddings`` assets and their checks."""
+
+import warnings
+from typing import Any, Literal
+
+import dagster as dg
+from pydantic import Field
+
+from conversation_assets.assets.discovery import discovered_sessions, partition_keys_for
+from conversation_assets.conversations import BuildReport, build_conversations
+from conversation_assets.embedding import EmbedReport, backlog_size, embed_backlog
+from conversation_assets.partitions import daily_partitions
+from conversation_assets.queries import query
+from resources.embeddings import EmbeddingResource
+from resources.postgres import PostgresResource
+from resources.summarizer import SummarizerResource
+
+warnings.filterwarnings("ignore", message="Parameter `backfill_policy`", category=dg.BetaWarning)
+
+EMBEDDING_BACKLOG_WARN = 10_000
+
+
+class ConversationsConfig(dg.Config):
+    mode: Literal["incremental", "full"] = Field(
+        default="full",
+        description="full: rebuild every session filed under the partition(s) (what a "
+        "backfill wants; unchanged rows are not rewritten). incremental: build the "
+        "sessions discovery queued as changed, whatever their day (sensor and schedule).",
+    )
+    batch_sessions: int = Field(
+        default=1000, gt=0, description="Sessions read, built and written per transaction."
+    )
+    max_batches: int | None = Field(
+        default=None, gt=0, description="Incremental: stop after this many batches (all if unset)."
+    )
+
+
+def _build_metadata(report: BuildReport) -> dict[str, Any]:
+    written = report.written
+    write_rate = (
+        (written.inserted + written.updated + written.unchanged) / report.write_seconds
+        if report.write_seconds
+        else 0.0
+    )
+    return {
+        "mode": report.mode,
+        "sessions": report.sessions,
+        "inserted": written.inserted,
+        "updated": written.updated,
+        "unchanged": written.unchanged,
+        "soft_deleted": report.soft_deleted,
+        "rejected": written.rejected,
+        "reject_reasons": dg.MetadataValue.json(report.reject_reasons),
+        "sessions_without_messages": report.without_messages,
+        "crew_errors": dg.MetadataValue.json(report.crew_errors),
+        "summarizer_errors": dg.MetadataValue.json(report.summarizer_errors),
+        "batches": report.batches,
+        "queue_left": report.queue_left,
+        "read_ms": round(report.read_seconds * 1000, 1),
+        "build_ms": round(report.build_seconds * 1000, 1),
+        "write_ms": round(report.write_seconds * 1000, 1),
+        "rows_written_per_second": round(write_rate),
+        "duration_ms": round(report.seconds * 1000, 1),
+        "touched_partitions": dg.MetadataValue.json(partition_keys_for(report.touched_days)),
+    }
+
+
+@dg.asset(
+    partitions_def=daily_partitions,
+    deps=[discovered_sessions],
+    backfill_policy=dg.BackfillPolicy.single_run(),
+    pool="conversation_db",
+    kinds={"postgres"},
+    group_name="conversations",
+)
+def conversations(
+    context: dg.AssetExecutionContext,
+    config: ConversationsConfig,
+    postgres: PostgresResource,
+    summarizer: SummarizerResource,
+) -> dg.MaterializeResult:
+    """One row per discovered session: transcript, summary, metadata (sentiment,
+    language, counts), soft-deleted when the session's rows are gone.
+
+    Filed by the UTC day the session started. Embeddings come from
+    ``conversation_embeddings`` so a slow model never holds this step.
+    """
+    window = context.partition_time_window
+    use_llm = summarizer.backend != "extractive"
+    report = build_conversations(
+        postgres.pool,
+        mode=config.mode,
+        window=(window.start, window.end),
+        batch_sessions=config.batch_sessions,
+        max_batches=config.max_batches,
+        summarize=summarizer.summarize if use_llm else None,
+        summarizer_name=summarizer.name,
+        progress=context.log.info,
+    )
+    for crew_code, error in report.crew_errors.items():
+        context.log.error(f"crew {crew_code}: {error}")
+    for reject in report.written.rejects[:20]:
+        context.log.warning(f"rejected {reject.record_key}: {reject.reason}")
+    if report.crew_errors and report.batches == 0:
+        raise dg.Failure(
+            description="conversations could not be built for any crew",
+            metadata={"crew_errors": dg.MetadataValue.json(report.crew_errors)},
+        )
+    own = set(context.partition_keys)
+    for key in partition_keys_for(report.touched_days):
+        if key not in own:
+            context.log_event(
+                dg.AssetMaterialization(
+                    asset_key=context.asset_key,
+                    partition=key,
+                    description=f"conversations changed by run {context.run.run_id}",
+                    metadata={"mode": config.mode},
+                )
+            )
+    metadata = _build_metadata(report)
+    metadata["summarizer"] = summarizer.name
+    return dg.MaterializeResult(metadata=metadata)
+
+
+@dg.asset_check(
+    asset=conversations,
+    description="Every live discovered session has a live conversation with its message "
+    "count, unless it is still queued to be built.",
+)
+def conversations_match_sessions(postgres: PostgresResource) -> dg.AssetCheckResult:
+    with postgres.connection() as conn:
+        row = conn.execute(query("conversations_vs_sessions")).fetchone()
+    missing, stale, orphaned, examples = row if row else (0, 0, 0, [])
+    return dg.AssetCheckResult(
+        passed=missing == 0 and stale == 0 and orphaned == 0,
+        metadata={
+            "sessions_without_conversation": missing,
+            "conversations_with_other_counts": stale,
+            "live_conversations_of_deleted_sessions": orphaned,
+            "examples": dg.MetadataValue.json(examples or []),
+        },
+    )
+
+
+class EmbeddingConfig(dg.Config):
+    batch_size: int = Field(default=512, gt=0, description="Conversations per batch.")
+    max_batches: int | None = Field(
+        default=None, gt=0, description="Stop after this many batches (drain all if unset)."
+    )
+    max_input_chars: int = Field(
+        default=8000, gt=0, description="Characters of a transcript sent to the model."
+    )
+
+
+def _embed_metadata(report: EmbedReport) -> dict[str, Any]:
+    return {
+        "model": report.model,
+        "dimension": report.dimension,
+        "embedded": report.embedded,
+        "cache_hits": report.cache_hits,
+        "texts_sent_to_model": report.texts_sent,
+        "empty_texts": report.empty,
+        "batches": report.batches,
+        "requeued_for_model_change": report.requeued_for_model_change,
+        "backlog_left": report.backlog_left,
+        "embed_ms": round(report.embed_seconds * 1000, 1),
+        "texts_per_second": round(report.texts_per_second),
+        "duration_ms": round(report.seconds * 1000, 1),
+        "skipped": report.skipped_reason or "",
+    }
+
+
+@dg.asset(
+    deps=[conversations],
+    pool="embedding_model",
+    kinds={"postgres", "pgvector"},
+    group_name="conversations",
+)
+def conversation_embeddings(
+    context: dg.AssetExecutionContext,
+    config: EmbeddingConfig,
+    postgres: PostgresResource,
+    embeddings: EmbeddingResource,
+) -> dg.MaterializeResult:
+    """Vectors for conversations whose text changed, from the embedding cache or the
+    model, in batches until the backlog is empty; stored in conversations.embedding
+    (HNSW-indexed for semantic search)."""
+    report = embed_backlog(
+        postgres.pool,
+        embeddings,
+        batch_size=config.batch_size,
+        max_batches=config.max_batches,
+        max_input_chars=config.max_input_chars,
+        progress=context.log.info,
+    )
+    return dg.MaterializeResult(metadata=_embed_metadata(report))
+
+
+@dg.asset_check(
+    asset=conversation_embeddings,
+    description=f"Fewer than {EMBEDDING_BACKLOG_WARN:,} conversations wait for a vector.",
+)
+def embedding_backlog_small(postgres: PostgresResource) -> dg.AssetCheckResult:
+    with postgres.connection() as conn:
+        waiting = backlog_size(conn)
+    return dg.AssetCheckResult(
+        passed=waiting < EMBEDDING_BACKLOG_WARN,
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={"backlog": waiting},
+    )

@@ -1,0 +1,11 @@
+DROP FUNCTION IF EXISTS get_conversation_stats(text, text, integer);
+DROP TABLE IF EXISTS conversation_tags;
+DROP TABLE IF EXISTS embedding_state;
+DROP TABLE IF EXISTS embedding_cache;
+DROP TABLE IF EXISTS conversation_rejects;
+DROP TABLE IF EXISTS conversations;
+DROP FUNCTION IF EXISTS conversations_set_timestamps();
+DROP TABLE IF EXISTS conversation_queue;
+DROP FUNCTION IF EXISTS conversation_reject_reason(text, text, text, text, text, text, integer, real, jsonb);
+DROP FUNCTION IF EXISTS conversation_id(text, text);
+ALTER TABLE discovered_sessions DROP COLUMN IF EXISTS content_checksum;

@@ -1,0 +1,282 @@
+"""Writing conversations: COPY into a staging table, then one upsert per batch.
+
+The pipeline's builder and any app that pushes conversations (seed 003's
+"store it off the request path") go through `upsert_conversations`. A record
+that cannot be stored is rejected with its reason into `conversation_rejects`;
+the rest of the batch lands, all of it in one transaction. Python only stops
+what COPY cannot carry (NUL bytes, values that are not text, metadata that is
+not JSON); every other check runs in PostgreSQL (`conversation_reject_reason`)
+over the whole batch at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+from conversation_assets.queries import query
+
+STATUSES = ("active", "closed", "handoff_complete", "archived")
+_TEXT_FIELDS = (
+    "client_code",
+    "crew_code",
+    "session_id",
+    "user_id",
+    "channel",
+    "summary",
+    "full_conversation",
+    "language",
+    "status",
+)
+# Column types of the binary COPY into conversation_stage, in its column order.
+_STAGE_TYPES = (
+    *("text",) * 7,
+    "jsonb",
+    "text",
+    "int4",
+    "float4",
+    "text",
+    "bytea",
+    *("timestamptz",) * 3,
+)
+_EXCERPT_CHARS = 500
+
+
+def conversation_id(crew_code: str, session_id: str) -> uuid.UUID:
+    """The id a session's conversation has in any database (the SQL conversation_id)."""
+    digest = hashlib.md5(f"{crew_code}\x1f{session_id}".encode(), usedforsecurity=False)
+    return uuid.UUID(digest.hexdigest())
+
+
+def content_hash(text: str | None) -> bytes:
+    """What the embedding cache and the embedding backlog key on."""
+    return hashlib.sha256((text or "").encode("utf-8")).digest()
+
+
+@dataclass
+class ConversationRecord:
+    """One conversation to store. `crew_code` and `session_id` identify it."""
+
+    client_code: str
+    crew_code: str
+    session_id: str
+    user_id: str
+    full_conversation: str | None = None
+    summary: str | None = None
+    channel: str = "web"
+    metadata: Any = field(default_factory=dict)
+    status: str = "active"
+    message_count: int = 0
+    sentiment: float | None = None
+    language: str | None = None
+    created_at: datetime | None = None
+    last_message_at: datetime | None = None
+    # The discovered session's updated_at this record was built from (pipeline only).
+    source_updated_at: datetime | None = None
+
+    @property
+    def id(self) -> uuid.UUID:
+        return conversation_id(self.crew_code, self.session_id)
+
+    @property
+    def record_key(self) -> str:
+        """The rejects table's key: the session when it is usable, else a hash."""
+        crew, session = self.crew_code, self.session_id
+        if type(crew) is str and type(session) is str and "\x00" not in crew + session:
+            return f"{crew}/{session}"[:600]
+        return "sha256:" + hashlib.sha256(repr(self).encode("utf-8", "replace")).hexdigest()
+
+
+@dataclass
+class Reject:
+    record_key: str
+    reason: str
+
+
+@dataclass
+class UpsertReport:
+    inserted: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    rejects: list[Reject] = field(default_factory=list)
+
+    @property
+    def rejected(self) -> int:
+        return len(self.rejects)
+
+    def add(self, other: UpsertReport) -> None:
+        self.inserted += other.inserted
+        self.updated += other.updated
+        self.unchanged += other.unchanged
+        self.rejects.extend(other.rejects)
+
+
+def _copy_problem(record: ConversationRecord) -> str | None:
+    """What would break the COPY itself; everything else is checked in SQL."""
+    texts = []
+    for name in _TEXT_FIELDS:
+        value = getattr(record, name)
+        if value is None:
+            continue
+        if type(value) is not str:
+            return f"{name} is not text ({type(value).__name__})"
+        texts.append(value)
+    joined = "".join(texts)
+    if "\x00" in joined:
+        name = next(n for n in _TEXT_FIELDS if "\x00" in (getattr(record, n) or ""))
+        return f"{name} contains a NUL byte"
+    if not joined.isascii():
+        try:
+            joined.encode("utf-8")
+        except UnicodeEncodeError:
+            return "text is not valid UTF-8 (a lone surrogate)"
+    if type(record.message_count) is not int:
+        return f"message_count is not an integer ({type(record.message_count).__name__})"
+    if record.sentiment is not None and not isinstance(record.sentiment, int | float):
+        return f"sentiment is not a number ({type(record.sentiment).__name__})"
+    return None
+
+
+def _metadata_json(record: ConversationRecord) -> tuple[str | None, str | None]:
+    """The metadata as JSON text once (COPY sends it as is), or why it cannot be."""
+    try:
+        text = json.dumps(record.metadata, ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError) as error:
+        return None, f"metadata is not JSON: {error}"
+    if "\\u0000" in text:
+        return None, "metadata contains a NUL character (PostgreSQL's jsonb cannot hold it)"
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            return None, "metadata is not valid UTF-8 (a lone surrogate)"
+    return text, None
+
+
+def _already_json(text: str) -> str:
+    return text
+
+
+def _excerpt(record: ConversationRecord) -> str:
+    try:
+        text = repr(record)
+    except Exception:  # noqa: BLE001 - a record we cannot even print is still rejected
+        text = "<unprintable record>"
+    return text.replace("\x00", "\\0").encode("utf-8", "replace").decode("utf-8")[:_EXCERPT_CHARS]
+
+
+def _printable(value: Any) -> str | None:
+    if value is None:
+        return None
+    return str(value).replace("\x00", "\\0").encode("utf-8", "replace").decode("utf-8")[:600]
+
+
+def record_python_rejects(
+    conn: psycopg.Connection, rejected: Sequence[tuple[ConversationRecord, str]], source: str
+) -> None:
+    if not rejected:
+        return
+    conn.execute(
+        query("record_conversation_rejects"),
+        {
+            "keys": [r.record_key for r, _ in rejected],
+            "client_codes": [_printable(getattr(r, "client_code", None)) for r, _ in rejected],
+            "crew_codes": [_printable(getattr(r, "crew_code", None)) for r, _ in rejected],
+            "session_ids": [_printable(getattr(r, "session_id", None)) for r, _ in rejected],
+            "sources": [source] * len(rejected),
+            "reasons": [reason for _, reason in rejected],
+            "excerpts": [_excerpt(r) for r, _ in rejected],
+        },
+    )
+
+
+def upsert_conversations(
+    conn: psycopg.Connection, records: Iterable[ConversationRecord], *, source: str = "api"
+) -> UpsertReport:
+    """Store a batch in one transaction (a savepoint if one is open): COPY, one upsert.
+
+    Records that cannot be stored go to `conversation_rejects` with their reason
+    (and are listed in the report); a record stored now clears its earlier
+    reject. Two records for the same session: the last one wins.
+    """
+    report = UpsertReport()
+    rows: dict[tuple[Any, Any], tuple[Any, ...]] = {}
+    python_rejects: list[tuple[ConversationRecord, str]] = []
+    for record in records:
+        problem = _copy_problem(record)
+        metadata = None
+        if problem is None:
+            metadata, problem = _metadata_json(record)
+        if problem is not None:
+            python_rejects.append((record, problem))
+            continue
+        rows[(record.crew_code, record.session_id)] = (
+            record.client_code,
+            record.crew_code,
+            record.session_id,
+            record.user_id,
+            record.channel,
+            record.summary,
+            record.full_conversation,
+            Jsonb(metadata, dumps=_already_json),
+            record.status,
+            record.message_count,
+            record.sentiment,
+            record.language,
+            content_hash(record.full_conversation),
+            record.source_updated_at,
+            record.created_at,
+            record.last_message_at,
+        )
+    report.rejects = [Reject(r.record_key, reason) for r, reason in python_rejects]
+    # Inside a caller's transaction no commit empties the stage between calls.
+    nested = conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE
+    with conn.transaction():
+        record_python_rejects(conn, python_rejects, source)
+        if not rows:
+            return report
+        conn.execute(query("create_conversation_stage"))
+        # The checked batch is kept in memory while it is rejected and upserted.
+        conn.execute("SELECT set_config('work_mem', '64MB', true)")
+        with conn.cursor() as cur:
+            with cur.copy(query("copy_conversation_stage")) as copy:
+                copy.set_types(_STAGE_TYPES)
+                for row in rows.values():
+                    copy.write_row(row)
+            cur.execute(query("upsert_staged_conversations"), {"source": source})
+            result = cur.fetchone()
+        if nested:
+            conn.execute("TRUNCATE conversation_stage")
+    assert result is not None, "the upsert statement always returns one row"
+    accepted, report.inserted, report.updated, sql_rejects = result
+    report.unchanged = accepted - report.inserted - report.updated
+    report.rejects.extend(Reject(key, reason) for key, reason in sql_rejects)
+    return report
+
+
+def soft_delete_gone(
+    conn: psycopg.Connection, gone: Sequence[tuple[str, str, datetime | None]]
+) -> int:
+    """Mark conversations of sessions whose rows are gone as deleted (kept, not erased).
+
+    `gone` holds (crew_code, session_id, the discovered row's updated_at).
+    """
+    if not gone:
+        return 0
+    rows = conn.execute(
+        query("soft_delete_gone_sessions"),
+        {
+            "crew_codes": [g[0] for g in gone],
+            "session_ids": [g[1] for g in gone],
+            "source_updated_at": [g[2] for g in gone],
+        },
+    ).fetchall()
+    return len(rows)

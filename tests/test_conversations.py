@@ -1,0 +1,574 @@
+"""Conversations: schema, bulk writes and rejects, the builder, embeddings, the assets."""
+
+import json
+import random
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+
+import dagster as dg
+import numpy as np
+import psycopg
+import pytest
+from psycopg import sql
+
+from conversation_assets import migrate
+from conversation_assets.assets.conversations import (
+    conversation_embeddings,
+    conversations,
+    conversations_match_sessions,
+)
+from conversation_assets.assets.discovery import discovered_sessions
+from conversation_assets.conversations import build_conversations
+from conversation_assets.discovery import discover
+from conversation_assets.embedded import scratch_database
+from conversation_assets.embedding import embed_backlog
+from conversation_assets.store import ConversationRecord, conversation_id, upsert_conversations
+from jobs import INCREMENTAL_RUN_CONFIG
+from resources.embeddings import DimensionMismatchError, EmbeddingResource
+from resources.summarizer import SummarizerResource
+from sensors import build_embedding_backlog_sensor
+from tests.sources import add_crew, stats_flush, table_id
+
+DAY = datetime(2026, 11, 20, 9, 0, tzinfo=UTC)
+WIDE = (datetime(2000, 1, 1, tzinfo=UTC), datetime(2100, 1, 1, tzinfo=UTC))
+
+
+def say(conn, table, session_id, kind, content, at=None, **kwargs):
+    """One histories row in langchain-js/n8n shape (top-level content), with kwargs."""
+    body = {"type": kind, "content": content, "additional_kwargs": kwargs}
+    if at is None:
+        statement = sql.SQL("INSERT INTO {} (session_id, message) VALUES (%s, %s) RETURNING id")
+        params: tuple = (session_id, json.dumps(body))
+    else:
+        statement = sql.SQL(
+            "INSERT INTO {} (session_id, message, created_at) VALUES (%s, %s, %s) RETURNING id"
+        )
+        params = (session_id, json.dumps(body), at)
+    return conn.execute(statement.format(table_id(table)), params).fetchone()[0]
+
+
+def record(session_id="s1", **changes) -> ConversationRecord:
+    base = {
+        "client_code": "acme",
+        "crew_code": "crew",
+        "session_id": session_id,
+        "user_id": "u1",
+        "full_conversation": f"User: hello from {session_id}\nAssistant: hi!",
+        "summary": f"hello from {session_id}",
+        "metadata": {"language": "en"},
+        "message_count": 2,
+        "created_at": DAY,
+    }
+    return ConversationRecord(**{**base, **changes})
+
+
+def rows(conn, columns="session_id, summary, status, deleted_at IS NOT NULL"):
+    return conn.execute(
+        sql.SQL("SELECT {} FROM conversations ORDER BY session_id").format(sql.SQL(columns))
+    ).fetchall()
+
+
+def run_pipeline(postgres, **build):
+    discover(postgres.pool, reconcile_after=timedelta(0))
+    return build_conversations(postgres.pool, **build)
+
+
+# --- schema -------------------------------------------------------------------------
+
+
+def test_the_vector_column_follows_the_configured_dimension_and_down_reverses(server_url):
+    with scratch_database(server_url, "cp_dim") as url, psycopg.connect(url, autocommit=True) as c:
+        asked = []
+        migrate.upgrade(c, embedding_dimension=lambda: asked.append(1) or 768)
+        assert asked == [1]
+        dimension = c.execute(
+            "SELECT atttypmod FROM pg_attribute "
+            "WHERE attrelid = 'conversations'::regclass AND attname = 'embedding'"
+        ).fetchone()[0]
+        assert dimension == 768
+        assert (
+            c.execute(
+                "SELECT indexdef FROM pg_indexes "
+                "WHERE indexname = 'conversations_embedding_hnsw_idx'"
+            )
+            .fetchone()[0]
+            .endswith("WHERE (embedding IS NOT NULL)")
+        )
+        # Up to date: the model is not asked again.
+        migrate.upgrade(c, embedding_dimension=lambda: asked.append(1) or 768)
+        assert asked == [1]
+
+        migrate.downgrade(c, 2)
+        assert c.execute("SELECT to_regclass('conversations')").fetchone()[0] is None
+        assert (
+            c.execute(
+                "SELECT count(*) FROM pg_attribute "
+                "WHERE attrelid = 'discovered_sessions'::regclass AND attname = 'content_checksum'"
+            ).fetchone()[0]
+            == 0
+        )
+        migrate.upgrade(c)
+        assert c.execute("SELECT count(*) FROM conversations").fetchone()[0] == 0
+
+
+def test_timestamps_trigger_keeps_updated_at_honest(conn):
+    upsert_conversations(conn, [record()])
+    first = conn.execute(
+        "SELECT created_at, updated_at, last_message_at FROM conversations"
+    ).fetchone()
+    assert first[0] == DAY and first[2] == DAY  # last_message_at falls back to created_at
+
+    time.sleep(0.01)
+    report = upsert_conversations(conn, [record()])  # nothing changed: nothing rewritten
+    assert (report.unchanged, report.updated) == (1, 0)
+    assert conn.execute("SELECT updated_at FROM conversations").fetchone()[0] == first[1]
+
+    upsert_conversations(conn, [record(summary="new", created_at=None)])
+    created, updated = conn.execute("SELECT created_at, updated_at FROM conversations").fetchone()
+    assert created == DAY  # not given: kept
+    assert updated > first[1]
+
+
+# --- bulk writes and rejects ----------------------------------------------------------
+
+
+def test_bad_rows_are_rejected_with_their_reason_and_the_rest_lands(conn):
+    good = [record(f"ok{i}") for i in range(5)]
+    bad = [
+        record("nul", full_conversation="User: a\x00b"),
+        record("listmeta", metadata=["not", "an", "object"]),
+        record("nanmeta", metadata={"x": float("nan")}),
+        record("nulmeta", metadata={"x": "a\x00b"}),
+        record("status", status="deleted"),
+        record("", user_id="u"),
+        record("nouser", user_id=" "),
+        record("x" * 300),
+        record("longchannel", channel="c" * 51),
+        record("sentiment", sentiment=3.0),
+        record("count", message_count="2"),
+        record("surrogate", summary="\ud800"),
+    ]
+    report = upsert_conversations(conn, good + bad[:6] + good[:1] + bad[6:])
+
+    assert report.inserted == 5
+    reasons = dict(conn.execute("SELECT record_key, reason FROM conversation_rejects"))
+    assert reasons == {r.record_key: reasons[r.record_key] for r in bad}
+    assert reasons["crew/nul"] == "full_conversation contains a NUL byte"
+    assert reasons["crew/listmeta"] == "metadata is not a JSON object (array)"
+    assert reasons["crew/nanmeta"].startswith("metadata is not JSON")
+    assert "NUL character" in reasons["crew/nulmeta"]
+    assert reasons["crew/status"].startswith("status 'deleted' is not one of")
+    assert reasons["crew/"] == "session_id is missing or empty"
+    assert reasons["crew/nouser"] == "user_id is missing or empty"
+    assert reasons["crew/" + "x" * 300] == "session_id is longer than 255 characters"
+    assert reasons["crew/longchannel"] == "channel is longer than 50 characters"
+    assert reasons["crew/sentiment"] == "sentiment is outside [-1, 1]"
+    assert reasons["crew/count"] == "message_count is not an integer (str)"
+    assert "surrogate" in reasons["crew/surrogate"]
+    assert sorted(r.reason for r in report.rejects) == sorted(reasons.values())
+    assert [r[0] for r in rows(conn)] == [f"ok{i}" for i in range(5)]
+
+    # Fixed at the source, the record lands and its reject is gone.
+    upsert_conversations(conn, [record("status")])
+    assert "crew/status" not in dict(
+        conn.execute("SELECT record_key, reason FROM conversation_rejects")
+    )
+
+
+def test_a_batch_is_all_or_nothing_when_its_connection_dies(conn, db_url):
+    upsert_conversations(conn, [record("s0")])
+    batch = [record(f"s{i}", summary="second version") for i in range(200)]
+    outcome: dict = {}
+
+    def write() -> None:
+        with psycopg.connect(db_url, autocommit=True, application_name="cp-victim") as victim:
+            try:
+                upsert_conversations(victim, batch)
+            except psycopg.Error as error:
+                outcome["error"] = error
+
+    with psycopg.connect(db_url) as blocker:
+        blocker.execute("SELECT 1 FROM conversations WHERE session_id = 's0' FOR UPDATE")
+        writer = threading.Thread(target=write)
+        writer.start()
+        pid = None
+        for _ in range(200):
+            pid = conn.execute(
+                "SELECT pid FROM pg_stat_activity "
+                "WHERE application_name = 'cp-victim' AND wait_event_type = 'Lock'"
+            ).fetchone()
+            if pid:
+                break
+            time.sleep(0.05)
+        assert pid, "the batch never reached its upsert"
+        conn.execute("SELECT pg_terminate_backend(%s)", pid)
+        writer.join(timeout=30)
+        blocker.rollback()
+
+    assert "error" in outcome
+    assert rows(conn, "session_id, summary") == [("s0", "hello from s0")]
+    report = upsert_conversations(conn, batch)  # the rerun writes it whole
+    assert (report.inserted, report.updated) == (199, 1)
+
+
+def test_an_older_build_never_overwrites_a_newer_one_and_product_choices_stay(conn):
+    newer, older = DAY + timedelta(minutes=5), DAY
+    upsert_conversations(conn, [record(summary="newer", source_updated_at=newer)])
+    report = upsert_conversations(conn, [record(summary="older", source_updated_at=older)])
+    assert report.unchanged == 1 and rows(conn)[0][1] == "newer"
+
+    conn.execute("UPDATE conversations SET status = 'archived'")
+    upsert_conversations(
+        conn, [record(summary="newest", source_updated_at=newer + timedelta(minutes=5))]
+    )
+    assert rows(conn)[0][1:3] == ("newest", "archived")
+    assert (
+        conversation_id("crew", "s1") == conn.execute("SELECT id FROM conversations").fetchone()[0]
+    )
+
+
+# --- the builder ------------------------------------------------------------------------
+
+
+def test_a_session_becomes_a_readable_conversation(conn, postgres):
+    add_crew(conn, "crew", "acme", "histories", "seed000")
+    at = DAY
+    say(
+        conn,
+        "histories",
+        "s1",
+        "human",
+        "Hi! My order has not arrived.",
+        at,
+        user_id="u-42",
+        channel="telegram",
+    )
+    say(
+        conn, "histories", "s1", "ai", "Sorry about that, let me check.", at + timedelta(seconds=30)
+    )
+    say(conn, "histories", "s1", "human", "Thanks, that worked, great!", at + timedelta(seconds=90))
+    say(
+        conn,
+        "histories",
+        "s1",
+        "ai",
+        "Transferring you now.",
+        at + timedelta(seconds=95),
+        handoff=True,
+    )
+
+    report = run_pipeline(postgres)
+
+    assert (report.written.inserted, report.queue_left) == (1, 0)
+    row = conn.execute(
+        "SELECT client_code, user_id, channel, status, message_count, full_conversation, "
+        "summary, metadata, sentiment, language, created_at, last_message_at FROM conversations"
+    ).fetchone()
+    client, user, channel, status, count, transcript, summary, metadata, sentiment, language = row[
+        :10
+    ]
+    assert (client, user, channel, status, count) == (
+        "acme",
+        "u-42",
+        "telegram",
+        "handoff_complete",
+        4,
+    )
+    assert transcript.splitlines() == [
+        "User: Hi! My order has not arrived.",
+        "Assistant: Sorry about that, let me check.",
+        "User: Thanks, that worked, great!",
+        "Assistant: Transferring you now.",
+    ]
+    assert "My order has not arrived" in summary
+    assert metadata["message_count"] == 4 and metadata["duration_seconds"] == 95.0
+    assert sentiment > 0 and language == "en"
+    assert row[10:] == (at, at + timedelta(seconds=95))
+
+
+def test_only_changed_sessions_are_rebuilt_and_edits_are_seen(conn, postgres):
+    add_crew(conn, "crew", "acme", "histories", "seed000")
+    for s in ("a", "b", "c"):
+        say(conn, "histories", s, "human", f"question {s}", DAY)
+    run_pipeline(postgres)
+    versions = dict(conn.execute("SELECT session_id, xmin::text FROM conversations"))
+
+    say(conn, "histories", "b", "ai", "answer b", DAY + timedelta(minutes=1))
+    edited = conn.execute(
+        "UPDATE histories SET message = jsonb_set(message, '{content}', '\"edited c\"') "
+        "WHERE session_id = 'c' RETURNING id"
+    ).fetchall()
+    assert edited
+    stats_flush(conn)
+    report = run_pipeline(postgres)
+
+    assert report.sessions == 2  # b grew, c was edited in place: a is not touched
+    after = dict(conn.execute("SELECT session_id, xmin::text FROM conversations"))
+    assert after["a"] == versions["a"] and after["b"] != versions["b"]
+    assert (
+        "edited c"
+        in conn.execute(
+            "SELECT full_conversation FROM conversations WHERE session_id = 'c'"
+        ).fetchone()[0]
+    )
+
+
+def test_deleted_sessions_are_soft_deleted_then_restored_when_rows_come_back(conn, postgres):
+    add_crew(conn, "crew", "acme", "histories", "seed000")
+    say(conn, "histories", "gone", "human", "bye", DAY)
+    say(conn, "histories", "kept", "human", "hello", DAY)
+    run_pipeline(postgres)
+
+    conn.execute("DELETE FROM histories WHERE session_id = 'gone'")  # n8n's clear()
+    stats_flush(conn)
+    report = run_pipeline(postgres)
+    assert report.soft_deleted == 1
+    assert conn.execute(
+        "SELECT session_id, deleted_by FROM conversations WHERE deleted_at IS NOT NULL"
+    ).fetchall() == [("gone", "source")]
+
+    say(conn, "histories", "gone", "human", "back again", DAY + timedelta(hours=1))
+    run_pipeline(postgres)
+    assert rows(conn, "session_id, deleted_at IS NULL") == [("gone", True), ("kept", True)]
+
+
+def test_a_failing_crew_keeps_its_sessions_queued_and_others_are_built(conn, postgres):
+    add_crew(conn, "good", "acme", "good_histories", "seed000")
+    add_crew(conn, "bad", "acme", "bad_histories", "n8n")
+    say(conn, "good_histories", "g1", "human", "hello", DAY)
+    say(conn, "bad_histories", "b1", "human", "hello")
+    discover(postgres.pool)
+    conn.execute("DROP TABLE bad_histories")
+
+    report = build_conversations(postgres.pool)
+
+    assert "does not exist" in report.crew_errors["bad"]
+    assert rows(conn, "session_id") == [("g1",)]
+    assert conn.execute("SELECT crew_code FROM conversation_queue").fetchall() == [("bad",)]
+
+
+def test_incremental_equals_a_from_scratch_full_build(conn, postgres, other_db_url):
+    from resources.postgres import PostgresResource
+
+    add_crew(conn, "lc", "acme", "lc_histories", "langchain")
+    add_crew(conn, "sd", "globex", "sd_histories", "seed000")
+    rng = random.Random(11)
+    sessions = {
+        "lc": [f"{i:08d}-0000-4000-8000-000000000000" for i in range(12)],
+        "sd": [f"sd{i}" for i in range(12)],
+    }
+    for round_number in range(6):
+        for crew, table in (("lc", "lc_histories"), ("sd", "sd_histories")):
+            for _ in range(rng.randint(3, 15)):
+                session = rng.choice(sessions[crew])
+                at = DAY + timedelta(hours=rng.randint(0, 72))
+                kind = rng.choice(["human", "ai"])
+                if crew == "lc":
+                    body = {
+                        "type": kind,
+                        "data": {
+                            "content": f"{kind} {rng.random():.5f}",
+                            "type": kind,
+                            "additional_kwargs": {"user_id": "u1"},
+                        },
+                    }
+                    conn.execute(
+                        "INSERT INTO lc_histories (session_id, message, created_at) "
+                        "VALUES (%s, %s, %s)",
+                        (session, json.dumps(body), at),
+                    )
+                else:
+                    say(conn, table, session, kind, f"{kind} {rng.random():.5f}", at, channel="web")
+            if round_number % 2:
+                victim = rng.choice(sessions[crew])
+                conn.execute(
+                    sql.SQL("DELETE FROM {} WHERE session_id = %s").format(table_id(table)),
+                    (victim,),
+                )
+        stats_flush(conn)
+        report = run_pipeline(postgres, batch_sessions=5)
+        assert not report.crew_errors
+
+    with psycopg.connect(other_db_url, autocommit=True) as other:
+        for table in ("lc_histories", "sd_histories"):
+            shape = "langchain" if table.startswith("lc") else "seed000"
+            add_crew(other, table[:2], "acme" if shape == "langchain" else "globex", table, shape)
+            copied = conn.execute(
+                sql.SQL(
+                    "SELECT id, session_id::text, message::text, created_at FROM {} ORDER BY id"
+                ).format(table_id(table))
+            ).fetchall()
+            with other.cursor().copy(
+                sql.SQL("COPY {} (id, session_id, message, created_at) FROM STDIN").format(
+                    table_id(table)
+                )
+            ) as copy:
+                for row in copied:
+                    copy.write_row(row)
+        fresh = PostgresResource(database_url=other_db_url)
+        try:
+            discover(fresh.pool, mode="full", window=WIDE)
+            build_conversations(fresh.pool, mode="full", window=WIDE)
+        finally:
+            fresh.close()
+        columns = (
+            "id, client_code, user_id, channel, summary, full_conversation, metadata, "
+            "status, message_count, created_at, last_message_at, content_hash"
+        )
+        live = sql.SQL("SELECT {} FROM conversations WHERE deleted_at IS NULL ORDER BY id").format(
+            sql.SQL(columns)
+        )
+        expected = other.execute(live).fetchall()
+    assert expected  # the comparison is not vacuous
+    assert conn.execute(live).fetchall() == expected
+
+
+def test_an_llm_summarizer_that_fails_leaves_the_extractive_summary(conn, postgres):
+    add_crew(conn, "crew", "acme", "histories", "seed000")
+    say(conn, "histories", "s1", "human", "Where is my parcel?", DAY)
+    discover(postgres.pool)
+    broken = SummarizerResource(
+        backend="ollama", base_url="http://127.0.0.1:9", max_retries=0, timeout_seconds=1
+    )
+
+    report = build_conversations(
+        postgres.pool, summarize=broken.summarize, summarizer_name=broken.name
+    )
+
+    assert report.summarizer_errors and "extractive summaries kept" in report.summarizer_errors[0]
+    assert rows(conn, "summary, metadata->>'summarizer'") == [("Where is my parcel?", "extractive")]
+
+
+# --- embeddings ----------------------------------------------------------------------
+
+
+def test_embeddings_drain_the_backlog_and_unchanged_text_is_never_embedded_again(conn, postgres):
+    same = "User: where is my order?\nAssistant: it ships today."
+    upsert_conversations(
+        conn,
+        [
+            record("a", full_conversation=same),
+            record("b", full_conversation=same),
+            record("c", full_conversation="User: refund please"),
+            record("empty", full_conversation=""),
+        ],
+    )
+    embedder = EmbeddingResource()
+
+    first = embed_backlog(postgres.pool, embedder, batch_size=2)
+    assert (first.embedded, first.texts_sent, first.backlog_left) == (4, 2, 0)
+    stored = dict(conn.execute("SELECT session_id, embedding IS NOT NULL FROM conversations"))
+    assert stored == {"a": True, "b": True, "c": True, "empty": False}
+    assert (
+        conn.execute(
+            "SELECT count(*) FROM conversations WHERE embedding_hash IS DISTINCT FROM content_hash"
+        ).fetchone()[0]
+        == 0
+    )
+
+    again = embed_backlog(postgres.pool, embedder)
+    assert (again.embedded, again.texts_sent) == (0, 0)
+
+    # A new conversation with a known text comes from the cache; a changed one is re-embedded.
+    upsert_conversations(
+        conn,
+        [
+            record("d", full_conversation=same),
+            record("c", full_conversation="User: refund now please"),
+        ],
+    )
+    third = embed_backlog(postgres.pool, embedder)
+    assert (third.embedded, third.cache_hits, third.texts_sent) == (2, 1, 1)
+    vector = np.array(
+        conn.execute(
+            "SELECT embedding::real[] FROM conversations WHERE session_id = 'c'"
+        ).fetchone()[0]
+    )
+    expected = embedder.embed(["User: refund now please"])[0]
+    assert np.allclose(vector, expected, atol=1e-6)
+
+
+def test_a_dimension_mismatch_stops_before_any_write_and_names_the_fix(conn, postgres):
+    upsert_conversations(conn, [record("a")])
+    conn.execute("ALTER TABLE conversations ALTER COLUMN embedding TYPE vector(8)")
+
+    with pytest.raises(DimensionMismatchError, match=r"(?s)256-d .* vector\(8\).*ALTER TABLE"):
+        embed_backlog(postgres.pool, EmbeddingResource())
+    assert conn.execute("SELECT count(*) FROM embedding_cache").fetchone()[0] == 0
+
+
+def test_a_new_model_requeues_every_vector(conn, postgres):
+    upsert_conversations(conn, [record("a"), record("b")])
+    embed_backlog(postgres.pool, EmbeddingResource())
+    conn.execute("UPDATE embedding_state SET model = 'ollama:old-model'")
+
+    report = embed_backlog(postgres.pool, EmbeddingResource())
+
+    assert report.requeued_for_model_change == 2
+    assert report.embedded == 2 and report.cache_hits == 2  # the cache is per model
+
+
+# --- Dagster ------------------------------------------------------------------------
+
+
+def _resources(postgres):
+    return {
+        "postgres": postgres,
+        "summarizer": SummarizerResource(),
+        "embeddings": EmbeddingResource(),
+    }
+
+
+def test_the_job_builds_conversations_after_discovery_and_the_check_agrees(conn, postgres):
+    add_crew(conn, "crew", "acme", "histories", "seed000")
+    say(conn, "histories", "s1", "human", "hello", DAY)
+    say(conn, "histories", "s2", "human", "hello", DAY + timedelta(days=1))
+
+    result = dg.materialize(
+        [discovered_sessions, conversations],
+        partition_key=DAY.date().isoformat(),
+        resources=_resources(postgres),
+        run_config=INCREMENTAL_RUN_CONFIG,
+    )
+
+    assert result.success
+    materializations = result.asset_materializations_for_node("conversations")
+    own = next(m for m in materializations if m.partition == DAY.date().isoformat())
+    assert own.metadata["inserted"].value == 2 and own.metadata["rejected"].value == 0
+    announced = {m.partition for m in materializations}
+    assert announced == {DAY.date().isoformat(), (DAY + timedelta(days=1)).date().isoformat()}
+    assert conversations_match_sessions(postgres=postgres).passed
+
+    conn.execute("UPDATE conversations SET message_count = 7 WHERE session_id = 's1'")
+    failed = conversations_match_sessions(postgres=postgres)
+    assert not failed.passed and failed.metadata["conversations_with_other_counts"].value == 1
+
+    # A partition run (full mode, the default) rebuilds that day and repairs it.
+    full = dg.materialize(
+        [conversations], partition_key=DAY.date().isoformat(), resources=_resources(postgres)
+    )
+    assert full.success
+    assert conversations_match_sessions(postgres=postgres).passed
+
+
+def test_embedding_asset_and_backlog_sensor(conn, postgres):
+    instance = dg.DagsterInstance.ephemeral()
+    sensor = build_embedding_backlog_sensor()
+
+    def tick():
+        with dg.build_sensor_context(instance=instance, resources={"postgres": postgres}) as c:
+            return sensor(c)
+
+    assert isinstance(tick(), dg.SkipReason)
+    upsert_conversations(conn, [record("a"), record("b")])
+    request = tick()
+    assert isinstance(request, dg.RunRequest) and request.tags["embedding/backlog"] == "2"
+
+    result = dg.materialize(
+        [conversation_embeddings], resources=_resources(postgres), instance=instance
+    )
+    assert result.success
+    metadata = result.asset_materializations_for_node("conversation_embeddings")[0].metadata
+    assert metadata["embedded"].value == 2 and metadata["backlog_left"].value == 0
+    assert isinstance(tick(), dg.SkipReason)
