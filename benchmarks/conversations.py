@@ -18,12 +18,12 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 
 import psycopg
-from conversation_assets.reads import exact_search, list_conversations, semantic_search
 from discovery import database, load_average, machine  # benchmarks/discovery.py
 from pgvector.psycopg import register_vector
 
 from conversation_assets import demo, migrate
 from conversation_assets.embedding import embed_backlog
+from conversation_assets.reads import exact_search, list_conversations, semantic_search
 from conversation_assets.store import ConversationRecord, upsert_conversations
 from resources.embeddings import EmbeddingResource
 from resources.postgres import PostgresResource

@@ -312,6 +312,9 @@ def _drain_queue(
     say: ProgressLog,
 ) -> None:
     report = builder.report
+    # A session built in this run and changed again meanwhile waits for the next
+    # run: a chat that never stops talking cannot keep one run going forever.
+    built: set[tuple[str, str]] = set()
     with pool.connection() as lock_conn:
         lock_conn.execute(_DRAIN_LOCK)
         try:
@@ -321,9 +324,14 @@ def _drain_queue(
                         query("peek_conversation_queue"),
                         {"limit": batch_sessions, "skip_crews": list(report.crew_errors)},
                     ).fetchall()
-                if not entries:
+                versions = {
+                    (crew, session): version
+                    for crew, session, version in entries
+                    if (crew, session) not in built
+                }
+                if not versions:
                     break
-                versions = {(crew, session): version for crew, session, version in entries}
+                built.update(versions)
                 failing = len(report.crew_errors)
                 batch = builder.read(list(versions))
                 if not batch.settled and len(report.crew_errors) == failing:

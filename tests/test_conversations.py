@@ -28,8 +28,11 @@ from jobs import INCREMENTAL_RUN_CONFIG
 from resources.embeddings import DimensionMismatchError, EmbeddingResource
 from resources.summarizer import SummarizerResource
 from sensors import build_embedding_backlog_sensor
+from tests import test_summarizer
 from tests.sources import add_crew, stats_flush, table_id
+from tests.test_summarizer import fake_summary
 
+chat = test_summarizer.chat  # the local LLM server fixture (ollama and openai protocols)
 DAY = datetime(2026, 11, 20, 9, 0, tzinfo=UTC)
 WIDE = (datetime(2000, 1, 1, tzinfo=UTC), datetime(2100, 1, 1, tzinfo=UTC))
 
@@ -333,6 +336,28 @@ def test_deleted_sessions_are_soft_deleted_then_restored_when_rows_come_back(con
     assert rows(conn, "session_id, deleted_at IS NULL") == [("gone", True), ("kept", True)]
 
 
+def test_a_change_that_lands_during_a_build_is_built_by_the_next_run(conn, postgres):
+    add_crew(conn, "crew", "acme", "histories", "seed000")
+    say(conn, "histories", "s1", "human", "first question", DAY)
+    discover(postgres.pool)
+
+    def meanwhile(transcripts):
+        # Between the build's read and its write, the session gets a message (each
+        # time: the run still ends, leaving the newest change to the next run).
+        say(conn, "histories", "s1", "human", "second question", DAY + timedelta(minutes=1))
+        discover(postgres.pool)
+        return [None] * len(transcripts)
+
+    report = build_conversations(postgres.pool, summarize=meanwhile)
+    assert report.batches == 1 and report.queue_left == 1
+    assert "second" not in rows(conn, "full_conversation")[0][0]
+    assert conn.execute("SELECT version FROM conversation_queue").fetchall() == [(2,)]
+
+    build_conversations(postgres.pool)
+    assert "second question" in rows(conn, "full_conversation")[0][0]
+    assert conn.execute("SELECT count(*) FROM conversation_queue").fetchone()[0] == 0
+
+
 def test_a_failing_crew_keeps_its_sessions_queued_and_others_are_built(conn, postgres):
     add_crew(conn, "good", "acme", "good_histories", "seed000")
     add_crew(conn, "bad", "acme", "bad_histories", "n8n")
@@ -438,6 +463,27 @@ def test_an_llm_summarizer_that_fails_leaves_the_extractive_summary(conn, postgr
 
     assert report.summarizer_errors and "extractive summaries kept" in report.summarizer_errors[0]
     assert rows(conn, "summary, metadata->>'summarizer'") == [("Where is my parcel?", "extractive")]
+
+
+def test_the_asset_stores_an_llm_summary_from_an_ollama_server(conn, postgres, chat):
+    add_crew(conn, "crew", "acme", "histories", "seed000")
+    say(conn, "histories", "s1", "human", "Where is my parcel?", DAY)
+    say(conn, "histories", "s1", "ai", "It ships today.", DAY + timedelta(seconds=5))
+    llm = SummarizerResource(backend="ollama", base_url=chat.url, model="tiny")
+
+    result = dg.materialize(
+        [discovered_sessions, conversations],
+        partition_key=DAY.date().isoformat(),
+        resources={**_resources(postgres), "summarizer": llm},
+        run_config=INCREMENTAL_RUN_CONFIG,
+    )
+
+    assert result.success
+    transcript, summary, summarizer = conn.execute(
+        "SELECT full_conversation, summary, metadata->>'summarizer' FROM conversations"
+    ).fetchone()
+    assert summary == fake_summary(transcript) and summarizer == "ollama:tiny"
+    assert [r["path"] for r in chat.requests] == ["/api/chat"]
 
 
 # --- embeddings ----------------------------------------------------------------------

@@ -1,0 +1,542 @@
+"""The product's queries: list, get, semantic search, soft delete, status, tags, stats.
+
+Seed 002's GET route and seed 001's lookups, rewritten over the pipeline's
+`conversations` table. Every function takes the client first and every
+statement is keyed by it (tenancy is an invariant, not a filter the caller may
+forget); list and search never return soft-deleted rows. SQL lives in
+``sql/reads.sql``; values always travel as parameters.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+import psycopg
+from psycopg import sql
+
+from conversation_assets.queries import query
+from conversation_assets.store import STATUSES
+from resources.embeddings import EmbeddingResource
+
+# What the product may set: closed and archived are kept by rebuilds; active
+# reopens a conversation (the pipeline's next build sets its own status again).
+PRODUCT_STATUSES = ("active", "closed", "archived")
+MAX_PAGE_SIZE = 500
+MAX_K = 1000
+MAX_EF_SEARCH = 1000  # pgvector's upper bound for hnsw.ef_search
+MAX_TAG_LENGTH = 100  # conversation_tags' check constraint
+
+
+@dataclass
+class ConversationSummary:
+    """One conversation as the product shows it (transcript only when asked)."""
+
+    id: uuid.UUID
+    client_code: str
+    crew_code: str
+    session_id: str
+    user_id: str
+    channel: str
+    status: str
+    summary: str | None
+    message_count: int
+    sentiment: float | None
+    language: str | None
+    metadata: dict[str, Any]
+    created_at: datetime
+    updated_at: datetime
+    last_message_at: datetime | None
+    tags: list[str] = field(default_factory=list)
+    full_conversation: str | None = None
+    # Only ever set by get_conversation(include_deleted=True).
+    deleted_at: datetime | None = None
+
+
+@dataclass
+class ConversationPage:
+    items: list[ConversationSummary]
+    total: int
+    page: int
+    page_size: int
+    pages: int
+
+
+@dataclass
+class SearchHit:
+    conversation: ConversationSummary
+    distance: float  # cosine distance: 0 same direction, 2 opposite
+
+
+def _summary(row: Sequence[Any]) -> ConversationSummary:
+    """A row of the `reads_columns` block (in its order) as a summary."""
+    (
+        id_,
+        client_code,
+        crew_code,
+        session_id,
+        user_id,
+        channel,
+        status,
+        summary,
+        message_count,
+        sentiment,
+        language,
+        metadata,
+        created_at,
+        updated_at,
+        last_message_at,
+        deleted_at,
+        full_conversation,
+        tags,
+    ) = row
+    return ConversationSummary(
+        id=id_,
+        client_code=client_code,
+        crew_code=crew_code,
+        session_id=session_id,
+        user_id=user_id,
+        channel=channel,
+        status=status,
+        summary=summary,
+        message_count=message_count,
+        sentiment=sentiment,
+        language=language,
+        metadata=metadata,
+        created_at=created_at,
+        updated_at=updated_at,
+        last_message_at=last_message_at,
+        tags=list(tags),
+        full_conversation=full_conversation,
+        deleted_at=deleted_at,
+    )
+
+
+def _columns() -> sql.Composed:
+    return query("reads_columns")
+
+
+def _uuid(conversation_id: uuid.UUID | str) -> uuid.UUID:
+    """A clear error for an id that is not a UUID, instead of a database error."""
+    if isinstance(conversation_id, uuid.UUID):
+        return conversation_id
+    try:
+        return uuid.UUID(str(conversation_id))
+    except ValueError:
+        raise ValueError(f"conversation_id {conversation_id!r} is not a UUID") from None
+
+
+def _like_pattern(search: str) -> str:
+    """A substring pattern matching `search` literally (%, _ and \\ escaped)."""
+    escaped = search.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return f"%{escaped}%"
+
+
+def _clean_tags(tags: Iterable[str]) -> list[str]:
+    """Trimmed, non-empty, unique (first occurrence order) tags."""
+    if isinstance(tags, str):
+        raise ValueError("tags must be a collection of strings, not one string")
+    cleaned: dict[str, None] = {}
+    for tag in tags:
+        if not isinstance(tag, str):
+            raise ValueError(f"tag {tag!r} is not a string")
+        tag = tag.strip()
+        if not tag:
+            continue
+        if len(tag) > MAX_TAG_LENGTH:
+            raise ValueError(f"tag {tag[:20]!r}... is longer than {MAX_TAG_LENGTH} characters")
+        cleaned[tag] = None
+    return list(cleaned)
+
+
+def _list_statement(
+    client_code: str,
+    *,
+    user_id: str | None = None,
+    channel: str | None = None,
+    status: str | None = None,
+    start: datetime | None = None,
+    end: datetime | None = None,
+    search: str | None = None,
+    include_tags: Iterable[str] = (),
+    exclude_tags: Iterable[str] = (),
+    page: int = 1,
+    page_size: int = 50,
+    with_transcript: bool = False,
+) -> tuple[sql.Composed, dict[str, Any]]:
+    """The validated list statement and its parameters (also what tests EXPLAIN)."""
+    if isinstance(page, bool) or not isinstance(page, int) or page < 1:
+        raise ValueError(f"page must be an integer >= 1, got {page!r}")
+    if (
+        isinstance(page_size, bool)
+        or not isinstance(page_size, int)
+        or not 1 <= page_size <= MAX_PAGE_SIZE
+    ):
+        raise ValueError(
+            f"page_size must be an integer from 1 to {MAX_PAGE_SIZE}, got {page_size!r}"
+        )
+    if status is not None and status not in STATUSES:
+        raise ValueError(f"status {status!r} is not one of {', '.join(STATUSES)}")
+    if start is not None and end is not None and not start < end:
+        raise ValueError(f"start ({start.isoformat()}) must be before end ({end.isoformat()})")
+    for name, moment in (("start", start), ("end", end)):
+        if moment is not None and moment.tzinfo is None:
+            # A naive time would be read in the session's TimeZone: ambiguous.
+            raise ValueError(f"{name} must be timezone-aware, got {moment.isoformat()}")
+    params = {
+        "client_code": client_code,
+        "user_id": user_id,
+        "channel": channel,
+        "status": status,
+        "start": start,
+        "end": end,
+        "pattern": _like_pattern(search) if search else None,
+        "include_tags": _clean_tags(include_tags),
+        "exclude_tags": _clean_tags(exclude_tags),
+        "limit": page_size,
+        "offset": (page - 1) * page_size,
+        "with_transcript": with_transcript,
+    }
+    return query("reads_list_conversations", columns=_columns()), params
+
+
+def list_conversations(
+    conn: psycopg.Connection,
+    client_code: str,
+    *,
+    user_id: str | None = None,
+    channel: str | None = None,
+    status: str | None = None,
+    start: datetime | None = None,
+    end: datetime | None = None,
+    search: str | None = None,
+    include_tags: Iterable[str] = (),
+    exclude_tags: Iterable[str] = (),
+    page: int = 1,
+    page_size: int = 50,
+    with_transcript: bool = False,
+) -> ConversationPage:
+    """A page of the client's live conversations, newest first, with the total.
+
+    One statement returns the page, its tags and the count of all matches.
+    `start` is inclusive, `end` exclusive (on created_at); `search` is a
+    case-insensitive literal substring of summary, transcript or user_id;
+    `include_tags` keeps conversations with any of them, `exclude_tags` drops
+    those with any of them.
+    """
+    statement, params = _list_statement(
+        client_code,
+        user_id=user_id,
+        channel=channel,
+        status=status,
+        start=start,
+        end=end,
+        search=search,
+        include_tags=include_tags,
+        exclude_tags=exclude_tags,
+        page=page,
+        page_size=page_size,
+        with_transcript=with_transcript,
+    )
+    rows = conn.execute(statement, params).fetchall()
+    total = int(rows[0][0]) if rows else 0
+    items = [_summary(row[1:]) for row in rows if row[1] is not None]
+    return ConversationPage(
+        items=items,
+        total=total,
+        page=page,
+        page_size=page_size,
+        pages=math.ceil(total / page_size),
+    )
+
+
+def get_conversation(
+    conn: psycopg.Connection,
+    client_code: str,
+    conversation_id: uuid.UUID | str,
+    *,
+    include_deleted: bool = False,
+    with_transcript: bool = True,
+) -> ConversationSummary | None:
+    """One conversation of this client (None when absent, another client's or deleted)."""
+    row = conn.execute(
+        query("reads_get_conversation", columns=_columns()),
+        {
+            "id": _uuid(conversation_id),
+            "client_code": client_code,
+            "include_deleted": include_deleted,
+            "with_transcript": with_transcript,
+        },
+    ).fetchone()
+    return _summary(row) if row else None
+
+
+def _query_vector(query_vector: Any) -> np.ndarray:
+    vector = np.asarray(query_vector, dtype=np.float32)
+    if vector.ndim != 1 or vector.size == 0:
+        raise ValueError(f"query_vector must be one non-empty vector, got shape {vector.shape}")
+    if not np.isfinite(vector).all():
+        raise ValueError("query_vector contains NaN or infinite values")
+    return vector
+
+
+def _vector_text(vector: np.ndarray) -> str:
+    """pgvector's text form: works whether or not the connection registered the adapter."""
+    return "[" + ",".join(map(repr, vector.tolist())) + "]"
+
+
+def _check_k(k: int) -> None:
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
+        raise ValueError(f"k must be an integer from 1 to {MAX_K}, got {k!r}")
+
+
+def _nearest(
+    conn: psycopg.Connection,
+    settings: sql.Composed,
+    settings_params: dict[str, Any],
+    client_code: str,
+    query_vector: Any,
+    *,
+    k: int,
+    user_id: str | None,
+    channel: str | None,
+    explain: bool = False,
+) -> list[SearchHit] | str:
+    """Apply the transaction's settings, check the dimension, run the nearest query."""
+    _check_k(k)
+    vector = _query_vector(query_vector)
+    statement = query("reads_nearest", columns=_columns())
+    if explain:
+        statement = sql.SQL("EXPLAIN (COSTS OFF) ") + statement
+    params = {
+        "query": _vector_text(vector),
+        "client_code": client_code,
+        "user_id": user_id,
+        "channel": channel,
+        "k": k,
+        "with_transcript": False,
+    }
+    with conn.transaction():
+        row = conn.execute(settings, settings_params).fetchone()
+        assert row is not None, "the settings statement returns one row"
+        dimension = row[-1]
+        if dimension is None or dimension < 1:
+            raise ValueError("conversations.embedding has no fixed dimension (vector without N)")
+        if vector.size != dimension:
+            raise ValueError(
+                f"query_vector has {vector.size} dimensions but conversations.embedding is "
+                f"vector({dimension})"
+            )
+        rows = conn.execute(statement, params).fetchall()
+    if explain:
+        return "\n".join(r[0] for r in rows)
+    return [SearchHit(conversation=_summary(r[1:]), distance=float(r[0])) for r in rows]
+
+
+def _search_settings(ef_search: int, max_scan_tuples: int) -> dict[str, Any]:
+    if isinstance(ef_search, bool) or not isinstance(ef_search, int):
+        raise ValueError(f"ef_search must be an integer, got {ef_search!r}")
+    if not 1 <= ef_search <= MAX_EF_SEARCH:
+        raise ValueError(f"ef_search must be from 1 to {MAX_EF_SEARCH}, got {ef_search}")
+    if isinstance(max_scan_tuples, bool) or not isinstance(max_scan_tuples, int):
+        raise ValueError(f"max_scan_tuples must be an integer, got {max_scan_tuples!r}")
+    if not 1 <= max_scan_tuples <= 2**31 - 1:
+        raise ValueError(f"max_scan_tuples must be from 1 to 2147483647, got {max_scan_tuples}")
+    return {"ef_search": str(ef_search), "max_scan_tuples": str(max_scan_tuples)}
+
+
+def semantic_search(
+    conn: psycopg.Connection,
+    client_code: str,
+    query_vector: Any,
+    *,
+    k: int = 10,
+    user_id: str | None = None,
+    channel: str | None = None,
+    ef_search: int = 40,
+    max_scan_tuples: int = 20000,
+) -> list[SearchHit]:
+    """The client's k live conversations nearest (cosine) to `query_vector`, nearest first.
+
+    Approximate, through the HNSW index, which holds every client's vectors: the
+    scan is iterative, reading on until k rows pass the client's filters or
+    `max_scan_tuples` were read (then fewer than k may come back). Where the
+    filters leave few rows (a small client, one user) the planner ranks those
+    rows exactly through their btree index instead: cheaper, and exact.
+    """
+    hits = _nearest(
+        conn,
+        query("reads_search_settings"),
+        _search_settings(ef_search, max_scan_tuples),
+        client_code,
+        query_vector,
+        k=k,
+        user_id=user_id,
+        channel=channel,
+    )
+    assert isinstance(hits, list)
+    return hits
+
+
+def semantic_search_text(
+    conn: psycopg.Connection,
+    embedder: EmbeddingResource,
+    client_code: str,
+    text: str,
+    **kwargs: Any,
+) -> list[SearchHit]:
+    """Embed `text` with the model the stored vectors come from, then semantic_search."""
+    vectors = embedder.embed([text])
+    return semantic_search(conn, client_code, vectors[0], **kwargs)
+
+
+def exact_search(
+    conn: psycopg.Connection,
+    client_code: str,
+    query_vector: Any,
+    *,
+    k: int = 10,
+    user_id: str | None = None,
+    channel: str | None = None,
+) -> list[SearchHit]:
+    """The exact top k (no index: every candidate's distance), the ground truth for recall."""
+    hits = _nearest(
+        conn,
+        query("reads_exact_settings"),
+        {},
+        client_code,
+        query_vector,
+        k=k,
+        user_id=user_id,
+        channel=channel,
+    )
+    assert isinstance(hits, list)
+    return hits
+
+
+def explain_search(
+    conn: psycopg.Connection,
+    client_code: str,
+    query_vector: Any,
+    *,
+    exact: bool = False,
+    k: int = 10,
+    user_id: str | None = None,
+    channel: str | None = None,
+    ef_search: int = 40,
+    max_scan_tuples: int = 20000,
+) -> str:
+    """The plan semantic_search (or exact_search) runs, with the same settings: to check
+    in production that the HNSW index is used."""
+    if exact:
+        settings, settings_params = query("reads_exact_settings"), {}
+    else:
+        settings = query("reads_search_settings")
+        settings_params = _search_settings(ef_search, max_scan_tuples)
+    plan = _nearest(
+        conn,
+        settings,
+        settings_params,
+        client_code,
+        query_vector,
+        k=k,
+        user_id=user_id,
+        channel=channel,
+        explain=True,
+    )
+    assert isinstance(plan, str)
+    return plan
+
+
+def soft_delete(
+    conn: psycopg.Connection, client_code: str, conversation_id: uuid.UUID | str
+) -> bool:
+    """Hide a live conversation (kept, restorable); False when absent or already deleted."""
+    row = conn.execute(
+        query("reads_soft_delete"), {"id": _uuid(conversation_id), "client_code": client_code}
+    ).fetchone()
+    return row is not None
+
+
+def restore(conn: psycopg.Connection, client_code: str, conversation_id: uuid.UUID | str) -> bool:
+    """Undo soft_delete. A conversation deleted because its source rows are gone is not
+    restored (False): it comes back by itself when they do."""
+    row = conn.execute(
+        query("reads_restore"), {"id": _uuid(conversation_id), "client_code": client_code}
+    ).fetchone()
+    return row is not None
+
+
+def set_status(
+    conn: psycopg.Connection, client_code: str, conversation_id: uuid.UUID | str, status: str
+) -> bool:
+    """Set a live conversation's status to one of PRODUCT_STATUSES; False when not found."""
+    if status not in PRODUCT_STATUSES:
+        raise ValueError(
+            f"status {status!r} is not one the product sets ({', '.join(PRODUCT_STATUSES)})"
+        )
+    row = conn.execute(
+        query("reads_set_status"),
+        {"id": _uuid(conversation_id), "client_code": client_code, "status": status},
+    ).fetchone()
+    return row is not None
+
+
+def add_tags(
+    conn: psycopg.Connection,
+    client_code: str,
+    conversation_id: uuid.UUID | str,
+    tags: Iterable[str],
+) -> int:
+    """Tag a live conversation of this client; returns how many tags were new."""
+    cleaned = _clean_tags(tags)
+    if not cleaned:
+        return 0
+    rows = conn.execute(
+        query("reads_add_tags"),
+        {"id": _uuid(conversation_id), "client_code": client_code, "tags": cleaned},
+    ).fetchall()
+    return len(rows)
+
+
+def remove_tags(
+    conn: psycopg.Connection,
+    client_code: str,
+    conversation_id: uuid.UUID | str,
+    tags: Iterable[str],
+) -> int:
+    """Remove tags from a conversation of this client; returns how many were removed."""
+    cleaned = _clean_tags(tags)
+    if not cleaned:
+        return 0
+    rows = conn.execute(
+        query("reads_remove_tags"),
+        {"id": _uuid(conversation_id), "client_code": client_code, "tags": cleaned},
+    ).fetchall()
+    return len(rows)
+
+
+def conversation_stats(
+    conn: psycopg.Connection, client_code: str, user_id: str, days: int = 30
+) -> dict[str, Any]:
+    """Seed 001's figures for one user over the last `days` days (get_conversation_stats)."""
+    if isinstance(days, bool) or not isinstance(days, int) or days < 1:
+        raise ValueError(f"days must be an integer >= 1, got {days!r}")
+    row = conn.execute(
+        query("reads_conversation_stats"),
+        {"client_code": client_code, "user_id": user_id, "days": days},
+    ).fetchone()
+    assert row is not None, "get_conversation_stats returns one row"
+    total, active, with_embeddings, handoff_complete, avg_per_day = row
+    return {
+        "total_conversations": int(total),
+        "active_conversations": int(active),
+        "with_embeddings": int(with_embeddings),
+        "handoff_complete": int(handoff_complete),
+        "avg_per_day": float(avg_per_day),
+    }
