@@ -12,9 +12,11 @@ over the whole batch at once.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import uuid
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -198,16 +200,15 @@ def record_python_rejects(
     )
 
 
-def upsert_conversations(
-    conn: psycopg.Connection, records: Iterable[ConversationRecord], *, source: str = "api"
-) -> UpsertReport:
-    """Store a batch in one transaction (a savepoint if one is open): COPY, one upsert.
+@dataclass
+class _Prepared:
+    """A batch ready for COPY, and what Python had to reject first."""
 
-    Records that cannot be stored go to `conversation_rejects` with their reason
-    (and are listed in the report); a record stored now clears its earlier
-    reject. Two records for the same session: the last one wins.
-    """
-    report = UpsertReport()
+    rows: list[tuple[Any, ...]]
+    python_rejects: list[tuple[ConversationRecord, str]]
+
+
+def _prepare(records: Iterable[ConversationRecord]) -> _Prepared:
     rows: dict[tuple[Any, Any], tuple[Any, ...]] = {}
     python_rejects: list[tuple[ConversationRecord, str]] = []
     for record in records:
@@ -236,29 +237,73 @@ def upsert_conversations(
             record.created_at,
             record.last_message_at,
         )
-    report.rejects = [Reject(r.record_key, reason) for r, reason in python_rejects]
+    return _Prepared(list(rows.values()), python_rejects)
+
+
+def _write(conn: psycopg.Connection, batch: _Prepared, source: str) -> UpsertReport:
+    report = UpsertReport(rejects=[Reject(r.record_key, why) for r, why in batch.python_rejects])
     # Inside a caller's transaction no commit empties the stage between calls.
     nested = conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE
     with conn.transaction():
-        record_python_rejects(conn, python_rejects, source)
-        if not rows:
+        record_python_rejects(conn, batch.python_rejects, source)
+        if not batch.rows:
             return report
         conn.execute(query("create_conversation_stage"))
-        # The checked batch is kept in memory while it is rejected and upserted.
-        conn.execute("SELECT set_config('work_mem', '64MB', true)")
         with conn.cursor() as cur:
             with cur.copy(query("copy_conversation_stage")) as copy:
                 copy.set_types(_STAGE_TYPES)
-                for row in rows.values():
+                for row in batch.rows:
                     copy.write_row(row)
-            cur.execute(query("upsert_staged_conversations"), {"source": source})
-            result = cur.fetchone()
+            sql_rejects = cur.execute(
+                query("reject_staged_conversations"), {"source": source}
+            ).fetchall()
+            written = [row[0] for row in cur.execute(query("upsert_staged_conversations"))]
+            cur.execute(query("clear_staged_rejects"))
         if nested:
             conn.execute("TRUNCATE conversation_stage")
-    assert result is not None, "the upsert statement always returns one row"
-    accepted, report.inserted, report.updated, sql_rejects = result
-    report.unchanged = accepted - report.inserted - report.updated
+    report.inserted = sum(written)
+    report.updated = len(written) - report.inserted
+    report.unchanged = len(batch.rows) - len(sql_rejects) - len(written)
     report.rejects.extend(Reject(key, reason) for key, reason in sql_rejects)
+    return report
+
+
+def upsert_conversations(
+    conn: psycopg.Connection, records: Iterable[ConversationRecord], *, source: str = "api"
+) -> UpsertReport:
+    """Store a batch in one transaction (a savepoint if one is open): COPY, one upsert.
+
+    Records that cannot be stored go to `conversation_rejects` with their reason
+    (and are listed in the report); a record stored now clears its earlier
+    reject. Two records for the same session: the last one wins.
+    """
+    return _write(conn, _prepare(records), source)
+
+
+def upsert_conversations_in_batches(
+    conn: psycopg.Connection,
+    records: Iterable[ConversationRecord],
+    *,
+    batch_size: int = 5_000,
+    source: str = "api",
+) -> UpsertReport:
+    """A bulk load: one transaction per `batch_size` records, the next batch checked
+    and encoded in a thread while the database writes the current one."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    report = UpsertReport()
+    remaining = iter(records)
+    chunks = iter(lambda: list(itertools.islice(remaining, batch_size)), [])
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="upsert-prepare") as worker:
+        pending = None
+        first = next(chunks, None)
+        if first is not None:
+            pending = worker.submit(_prepare, first)
+        while pending is not None:
+            batch = pending.result()
+            following = next(chunks, None)
+            pending = worker.submit(_prepare, following) if following is not None else None
+            report.add(_write(conn, batch, source))
     return report
 
 

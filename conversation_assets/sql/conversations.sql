@@ -31,93 +31,94 @@ COPY conversation_stage (
     created_at, last_message_at)
 FROM STDIN WITH (FORMAT BINARY);
 
+-- name: reject_staged_conversations
+-- Staged rows that fail conversation_reject_reason go to the rejects, with it.
+INSERT INTO conversation_rejects AS r (
+    record_key, client_code, crew_code, session_id, source, reason, record_excerpt)
+SELECT CASE WHEN k.crew_code IS NOT NULL AND k.session_id IS NOT NULL
+            THEN left(k.crew_code || '/' || k.session_id, 600)
+            ELSE 'sha256:' || encode(sha256(convert_to(k.row_text, 'UTF8')), 'hex') END,
+       k.client_code, k.crew_code, k.session_id, %(source)s, k.reason, left(k.row_text, 500)
+FROM (
+    SELECT s.*, row_to_json(s)::text AS row_text,
+           conversation_reject_reason(s.client_code, s.crew_code, s.session_id, s.user_id,
+                                      s.channel, s.status, s.message_count, s.sentiment,
+                                      s.metadata) AS reason
+    FROM conversation_stage AS s
+) AS k
+WHERE k.reason IS NOT NULL
+ON CONFLICT (record_key) DO UPDATE
+SET client_code = EXCLUDED.client_code, crew_code = EXCLUDED.crew_code,
+    session_id = EXCLUDED.session_id, source = EXCLUDED.source, reason = EXCLUDED.reason,
+    record_excerpt = EXCLUDED.record_excerpt, last_seen_at = now()
+RETURNING r.record_key, r.reason;
+
 -- name: upsert_staged_conversations
--- One statement for the whole batch: rows that fail conversation_reject_reason go
--- to the rejects, the others are upserted. A row is rewritten only when something
+-- One statement for the batch's good rows. A row is rewritten only when something
 -- in it changed, and never by a build older than the one stored. The product's
 -- statuses (closed, archived) and deletions are kept; a deletion because the
 -- source rows were gone is undone now that they are back.
-WITH checked AS MATERIALIZED (
-    SELECT s.*,
-           conversation_reject_reason(s.client_code, s.crew_code, s.session_id, s.user_id,
-                                      s.channel, s.status, s.message_count, s.sentiment,
-                                      s.metadata) AS reason,
-           CASE WHEN s.crew_code IS NOT NULL AND s.session_id IS NOT NULL
-                THEN left(s.crew_code || '/' || s.session_id, 600)
-                ELSE 'sha256:' || encode(sha256(convert_to(row_to_json(s)::text, 'UTF8')), 'hex')
-           END AS record_key
-    FROM conversation_stage AS s
-),
-rejected AS (
-    INSERT INTO conversation_rejects AS r (
-        record_key, client_code, crew_code, session_id, source, reason, record_excerpt)
-    SELECT k.record_key, k.client_code, k.crew_code, k.session_id, %(source)s, k.reason,
-           left(row_to_json(k)::text, 500)
-    FROM checked AS k
-    WHERE k.reason IS NOT NULL
-    ON CONFLICT (record_key) DO UPDATE
-    SET client_code = EXCLUDED.client_code, crew_code = EXCLUDED.crew_code,
-        session_id = EXCLUDED.session_id, source = EXCLUDED.source, reason = EXCLUDED.reason,
-        record_excerpt = EXCLUDED.record_excerpt, last_seen_at = now()
-    RETURNING r.record_key, r.reason
-),
-upserted AS (
-    INSERT INTO conversations AS c (
-        id, client_code, crew_code, session_id, user_id, channel, summary, full_conversation,
-        metadata, status, message_count, sentiment, language, content_hash, source_updated_at,
-        created_at, last_message_at)
-    SELECT k.id, k.client_code, k.crew_code, k.session_id, k.user_id,
-           coalesce(k.channel, 'web'), k.summary, k.full_conversation, k.metadata, k.status,
-           k.message_count, k.sentiment, k.language, k.content_hash, k.source_updated_at,
-           -- Times not given keep the stored ones (new rows get them from the trigger).
-           coalesce(k.created_at, (SELECT e.created_at FROM conversations AS e WHERE e.id = k.id)),
-           coalesce(k.last_message_at,
-                    (SELECT e.last_message_at FROM conversations AS e WHERE e.id = k.id))
-    FROM (SELECT checked.*, conversation_id(checked.crew_code, checked.session_id) AS id
-          FROM checked WHERE checked.reason IS NULL) AS k
-    ON CONFLICT (id) DO UPDATE
-    SET client_code = EXCLUDED.client_code,
-        user_id = EXCLUDED.user_id,
-        channel = EXCLUDED.channel,
-        summary = EXCLUDED.summary,
-        full_conversation = EXCLUDED.full_conversation,
-        metadata = EXCLUDED.metadata,
-        status = CASE WHEN c.status IN ('closed', 'archived') THEN c.status
-                      ELSE EXCLUDED.status END,
-        message_count = EXCLUDED.message_count,
-        sentiment = EXCLUDED.sentiment,
-        language = EXCLUDED.language,
-        content_hash = EXCLUDED.content_hash,
-        source_updated_at = EXCLUDED.source_updated_at,
-        created_at = EXCLUDED.created_at,
-        last_message_at = EXCLUDED.last_message_at,
-        deleted_at = CASE WHEN c.deleted_by = 'source' THEN NULL ELSE c.deleted_at END,
-        deleted_by = CASE WHEN c.deleted_by = 'source' THEN NULL ELSE c.deleted_by END
-    WHERE (c.source_updated_at IS NULL OR EXCLUDED.source_updated_at IS NULL
-           OR EXCLUDED.source_updated_at >= c.source_updated_at)
-      AND ((c.client_code, c.user_id, c.channel, c.summary, c.full_conversation, c.metadata,
-            c.message_count, c.sentiment, c.language, c.content_hash, c.source_updated_at,
-            c.created_at, c.last_message_at, c.deleted_by IS NOT DISTINCT FROM 'source',
-            c.status IN ('closed', 'archived') OR c.status = EXCLUDED.status)
-           IS DISTINCT FROM
-           (EXCLUDED.client_code, EXCLUDED.user_id, EXCLUDED.channel, EXCLUDED.summary,
-            EXCLUDED.full_conversation, EXCLUDED.metadata, EXCLUDED.message_count,
-            EXCLUDED.sentiment, EXCLUDED.language, EXCLUDED.content_hash,
-            EXCLUDED.source_updated_at, EXCLUDED.created_at, EXCLUDED.last_message_at, false,
-            true))
-    RETURNING (c.xmax = 0) AS inserted
-),
-cleared AS (
-    -- A record stored now is no longer rejected.
-    DELETE FROM conversation_rejects AS r
-    USING checked AS k
-    WHERE k.reason IS NULL AND r.record_key = k.record_key
-)
-SELECT (SELECT count(*) FROM checked WHERE reason IS NULL) AS accepted,
-       (SELECT count(*) FROM upserted WHERE inserted) AS inserted,
-       (SELECT count(*) FROM upserted WHERE NOT inserted) AS updated,
-       (SELECT coalesce(array_agg(ARRAY[record_key, reason]), ARRAY[]::text[][])
-        FROM rejected) AS rejects;
+INSERT INTO conversations AS c (
+    id, client_code, crew_code, session_id, user_id, channel, summary, full_conversation,
+    metadata, status, message_count, sentiment, language, content_hash, source_updated_at,
+    created_at, last_message_at)
+SELECT conversation_id(s.crew_code, s.session_id), s.client_code, s.crew_code, s.session_id,
+       s.user_id, coalesce(s.channel, 'web'), s.summary, s.full_conversation, s.metadata,
+       s.status, s.message_count, s.sentiment, s.language, s.content_hash, s.source_updated_at,
+       -- Times not given keep the stored ones (looked up only then); a new row starts now.
+       coalesce(s.created_at,
+                (SELECT e.created_at FROM conversations AS e
+                 WHERE e.id = conversation_id(s.crew_code, s.session_id)),
+                now()),
+       coalesce(s.last_message_at,
+                (SELECT e.last_message_at FROM conversations AS e
+                 WHERE e.id = conversation_id(s.crew_code, s.session_id)),
+                s.created_at, now())
+FROM conversation_stage AS s
+WHERE conversation_reject_reason(s.client_code, s.crew_code, s.session_id, s.user_id,
+                                 s.channel, s.status, s.message_count, s.sentiment,
+                                 s.metadata) IS NULL
+ON CONFLICT (id) DO UPDATE
+SET client_code = EXCLUDED.client_code,
+    user_id = EXCLUDED.user_id,
+    channel = EXCLUDED.channel,
+    summary = EXCLUDED.summary,
+    full_conversation = EXCLUDED.full_conversation,
+    metadata = EXCLUDED.metadata,
+    status = CASE WHEN c.status IN ('closed', 'archived') THEN c.status
+                  ELSE EXCLUDED.status END,
+    message_count = EXCLUDED.message_count,
+    sentiment = EXCLUDED.sentiment,
+    language = EXCLUDED.language,
+    content_hash = EXCLUDED.content_hash,
+    source_updated_at = EXCLUDED.source_updated_at,
+    created_at = EXCLUDED.created_at,
+    last_message_at = EXCLUDED.last_message_at,
+    deleted_at = CASE WHEN c.deleted_by = 'source' THEN NULL ELSE c.deleted_at END,
+    deleted_by = CASE WHEN c.deleted_by = 'source' THEN NULL ELSE c.deleted_by END
+WHERE (c.source_updated_at IS NULL OR EXCLUDED.source_updated_at IS NULL
+       OR EXCLUDED.source_updated_at >= c.source_updated_at)
+  AND ((c.client_code, c.user_id, c.channel, c.summary, c.full_conversation, c.metadata,
+        c.message_count, c.sentiment, c.language, c.content_hash, c.source_updated_at,
+        c.created_at, c.last_message_at, c.deleted_by IS NOT DISTINCT FROM 'source',
+        c.status IN ('closed', 'archived') OR c.status = EXCLUDED.status)
+       IS DISTINCT FROM
+       (EXCLUDED.client_code, EXCLUDED.user_id, EXCLUDED.channel, EXCLUDED.summary,
+        EXCLUDED.full_conversation, EXCLUDED.metadata, EXCLUDED.message_count,
+        EXCLUDED.sentiment, EXCLUDED.language, EXCLUDED.content_hash,
+        EXCLUDED.source_updated_at, EXCLUDED.created_at, EXCLUDED.last_message_at, false,
+        true))
+RETURNING (c.xmax = 0) AS inserted;
+
+-- name: clear_staged_rejects
+-- Records stored now are no longer rejected (skipped when nothing is rejected).
+DELETE FROM conversation_rejects AS r
+USING conversation_stage AS s
+WHERE r.record_key = left(s.crew_code || '/' || s.session_id, 600)
+  AND conversation_reject_reason(s.client_code, s.crew_code, s.session_id, s.user_id,
+                                 s.channel, s.status, s.message_count, s.sentiment,
+                                 s.metadata) IS NULL
+  AND EXISTS (SELECT 1 FROM conversation_rejects);
 
 -- name: soft_delete_gone_sessions
 -- Sessions whose source rows are gone: the conversation stays, marked deleted.
