@@ -30,6 +30,9 @@ PRODUCT_STATUSES = ("active", "closed", "archived")
 MAX_PAGE_SIZE = 500
 MAX_K = 1000
 MAX_EF_SEARCH = 1000  # pgvector's upper bound for hnsw.ef_search
+# Below this many rows (the planner's estimate) a client's search is ranked exactly:
+# its filtered HNSW scan would read about k / (its share of all rows) index tuples.
+EXACT_BELOW = 3000
 MAX_TAG_LENGTH = 100  # conversation_tags' check constraint
 
 
@@ -306,13 +309,16 @@ def _nearest(
     user_id: str | None,
     channel: str | None,
     explain: bool = False,
+    exact_below: int = 0,
 ) -> list[SearchHit] | str:
-    """Apply the transaction's settings, check the dimension, run the nearest query."""
+    """Apply the transaction's settings, check the dimension, run the nearest query.
+
+    With `exact_below`, a search filtered to one user, or to a client the planner
+    estimates at fewer rows than that, ranks those rows exactly instead of asking
+    the HNSW index (whose filtered scan would read far past k for them).
+    """
     _check_k(k)
     vector = _query_vector(query_vector)
-    statement = query("reads_nearest", columns=_columns())
-    if explain:
-        statement = sql.SQL("EXPLAIN (COSTS OFF) ") + statement
     params = {
         "query": _vector_text(vector),
         "client_code": client_code,
@@ -332,13 +338,19 @@ def _nearest(
                 f"query_vector has {vector.size} dimensions but conversations.embedding is "
                 f"vector({dimension})"
             )
+        client_rows = None if row[-2] is None else float(row[-2])
+        exact = client_rows is not None and (user_id is not None or client_rows < exact_below)
+        order = sql.SQL("(c.embedding <=> %(query)s::vector) + 0" if exact else "distance")
+        statement = query("reads_nearest", columns=_columns(), order=order)
+        if explain:
+            statement = sql.SQL("EXPLAIN (COSTS OFF) ") + statement
         rows = conn.execute(statement, params).fetchall()
     if explain:
         return "\n".join(r[0] for r in rows)
     return [SearchHit(conversation=_summary(r[1:]), distance=float(r[0])) for r in rows]
 
 
-def _search_settings(ef_search: int, max_scan_tuples: int) -> dict[str, Any]:
+def _search_settings(ef_search: int, max_scan_tuples: int, client_code: str) -> dict[str, Any]:
     if isinstance(ef_search, bool) or not isinstance(ef_search, int):
         raise ValueError(f"ef_search must be an integer, got {ef_search!r}")
     if not 1 <= ef_search <= MAX_EF_SEARCH:
@@ -347,7 +359,11 @@ def _search_settings(ef_search: int, max_scan_tuples: int) -> dict[str, Any]:
         raise ValueError(f"max_scan_tuples must be an integer, got {max_scan_tuples!r}")
     if not 1 <= max_scan_tuples <= 2**31 - 1:
         raise ValueError(f"max_scan_tuples must be from 1 to 2147483647, got {max_scan_tuples}")
-    return {"ef_search": str(ef_search), "max_scan_tuples": str(max_scan_tuples)}
+    return {
+        "ef_search": str(ef_search),
+        "max_scan_tuples": str(max_scan_tuples),
+        "client_code": client_code,
+    }
 
 
 def semantic_search(
@@ -360,24 +376,27 @@ def semantic_search(
     channel: str | None = None,
     ef_search: int = 40,
     max_scan_tuples: int = 20000,
+    exact_below: int = EXACT_BELOW,
 ) -> list[SearchHit]:
     """The client's k live conversations nearest (cosine) to `query_vector`, nearest first.
 
     Approximate, through the HNSW index, which holds every client's vectors: the
     scan is iterative, reading on until k rows pass the client's filters or
-    `max_scan_tuples` were read (then fewer than k may come back). Where the
-    filters leave few rows (a small client, one user) the planner ranks those
-    rows exactly through their btree index instead: cheaper, and exact.
+    `max_scan_tuples` were read (then fewer than k may come back). A search for
+    one user, or in a client the planner's statistics put under `exact_below`
+    rows, ranks those rows exactly through their btree index instead: there the
+    filtered HNSW scan would read far past k, and the exact ranking is cheaper.
     """
     hits = _nearest(
         conn,
         query("reads_search_settings"),
-        _search_settings(ef_search, max_scan_tuples),
+        _search_settings(ef_search, max_scan_tuples, client_code),
         client_code,
         query_vector,
         k=k,
         user_id=user_id,
         channel=channel,
+        exact_below=exact_below,
     )
     assert isinstance(hits, list)
     return hits
@@ -430,6 +449,7 @@ def explain_search(
     channel: str | None = None,
     ef_search: int = 40,
     max_scan_tuples: int = 20000,
+    exact_below: int = EXACT_BELOW,
 ) -> str:
     """The plan semantic_search (or exact_search) runs, with the same settings: to check
     in production that the HNSW index is used."""
@@ -437,7 +457,7 @@ def explain_search(
         settings, settings_params = query("reads_exact_settings"), {}
     else:
         settings = query("reads_search_settings")
-        settings_params = _search_settings(ef_search, max_scan_tuples)
+        settings_params = _search_settings(ef_search, max_scan_tuples, client_code)
     plan = _nearest(
         conn,
         settings,
@@ -448,6 +468,7 @@ def explain_search(
         user_id=user_id,
         channel=channel,
         explain=True,
+        exact_below=exact_below,
     )
     assert isinstance(plan, str)
     return plan
@@ -487,6 +508,23 @@ def set_status(
     return row is not None
 
 
+def _change_tags(
+    conn: psycopg.Connection,
+    statement: str,
+    client_code: str,
+    conversation_id: uuid.UUID | str,
+    tags: Iterable[str],
+) -> int:
+    cleaned = _clean_tags(tags)
+    if not cleaned:
+        return 0
+    rows = conn.execute(
+        query(statement),
+        {"id": _uuid(conversation_id), "client_code": client_code, "tags": cleaned},
+    ).fetchall()
+    return len(rows)
+
+
 def add_tags(
     conn: psycopg.Connection,
     client_code: str,
@@ -494,14 +532,7 @@ def add_tags(
     tags: Iterable[str],
 ) -> int:
     """Tag a live conversation of this client; returns how many tags were new."""
-    cleaned = _clean_tags(tags)
-    if not cleaned:
-        return 0
-    rows = conn.execute(
-        query("reads_add_tags"),
-        {"id": _uuid(conversation_id), "client_code": client_code, "tags": cleaned},
-    ).fetchall()
-    return len(rows)
+    return _change_tags(conn, "reads_add_tags", client_code, conversation_id, tags)
 
 
 def remove_tags(
@@ -511,14 +542,7 @@ def remove_tags(
     tags: Iterable[str],
 ) -> int:
     """Remove tags from a conversation of this client; returns how many were removed."""
-    cleaned = _clean_tags(tags)
-    if not cleaned:
-        return 0
-    rows = conn.execute(
-        query("reads_remove_tags"),
-        {"id": _uuid(conversation_id), "client_code": client_code, "tags": cleaned},
-    ).fetchall()
-    return len(rows)
+    return _change_tags(conn, "reads_remove_tags", client_code, conversation_id, tags)
 
 
 def conversation_stats(

@@ -14,6 +14,13 @@ from jobs import INCREMENTAL_RUN_CONFIG, discovery_job, embedding_job
 from resources.postgres import PostgresResource
 
 
+def _default_status() -> dg.DefaultSensorStatus:
+    """ENABLE_BACKGROUND_JOBS decides whether sensors start running."""
+    if settings.background_jobs_enabled():
+        return dg.DefaultSensorStatus.RUNNING
+    return dg.DefaultSensorStatus.STOPPED
+
+
 def build_new_histories_sensor() -> dg.SensorDefinition:
     reconcile_after = timedelta(minutes=settings.reconcile_minutes())
 
@@ -21,9 +28,7 @@ def build_new_histories_sensor() -> dg.SensorDefinition:
         name="new_histories_sensor",
         job=discovery_job,
         minimum_interval_seconds=settings.positive_int("DISCOVERY_SENSOR_INTERVAL_SECONDS"),
-        default_status=dg.DefaultSensorStatus.RUNNING
-        if settings.background_jobs_enabled()
-        else dg.DefaultSensorStatus.STOPPED,
+        default_status=_default_status(),
         description="One primary-key probe per histories table; runs incremental "
         "discovery for exactly the partitions whose sessions got new rows.",
     )
@@ -77,9 +82,7 @@ def build_embedding_backlog_sensor() -> dg.SensorDefinition:
         name="embedding_backlog_sensor",
         job=embedding_job,
         minimum_interval_seconds=settings.positive_int("EMBEDDING_SENSOR_INTERVAL_SECONDS"),
-        default_status=dg.DefaultSensorStatus.RUNNING
-        if settings.background_jobs_enabled()
-        else dg.DefaultSensorStatus.STOPPED,
+        default_status=_default_status(),
         description="Starts embedding_job when conversations wait for a vector and no "
         "embedding run is queued or running (one drain at a time).",
     )

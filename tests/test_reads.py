@@ -571,12 +571,13 @@ def test_semantic_search_plans(big: Big, big_conn: psycopg.Connection) -> None:
     # A large client: the planner goes through the HNSW index by itself.
     plan = reads.explain_search(big_conn, LARGE, query)
     assert "Index Scan using conversations_embedding_hnsw_idx" in plan, plan
-    # A small one (2%): sorting its few hundred rows is cheaper, and exact. With
-    # sorts off the HNSW path is taken, as for a larger client.
+    # A small one (2%, under EXACT_BELOW by the planner's statistics): its few
+    # hundred rows are ranked exactly, never through the HNSW index.
     small = reads.explain_search(big_conn, TARGET, query)
-    assert "conversations_client_created_idx" in small or "hnsw" in small, small
+    assert "hnsw" not in small and "conversations_client_created_idx" in small, small
+    # Asked to (exact_below=0) and with sorts off, it takes the HNSW path too.
     big_conn.execute("SET enable_sort = off")
-    plan = reads.explain_search(big_conn, TARGET, query)
+    plan = reads.explain_search(big_conn, TARGET, query, exact_below=0)
     assert "Index Scan using conversations_embedding_hnsw_idx" in plan, plan
     # The relaxed order is re-sorted outside, not taken as the CTE's ORDER BY.
     assert plan.startswith("Sort\n") and "Presorted Key" not in plan, plan
@@ -591,7 +592,7 @@ def test_iterative_scan_returns_k_rows_of_a_small_client(
 ) -> None:
     big_conn.execute("SET enable_sort = off")  # the HNSW path (see the plans test)
     for query in big.queries:
-        hits = reads.semantic_search(big_conn, TARGET, query, k=10)
+        hits = reads.semantic_search(big_conn, TARGET, query, k=10, exact_below=0)
         assert len(hits) == 10
         assert {h.conversation.client_code for h in hits} == {TARGET}
         assert [h.distance for h in hits] == sorted(h.distance for h in hits)
@@ -599,7 +600,7 @@ def test_iterative_scan_returns_k_rows_of_a_small_client(
     # which ~2% are the client's: fewer than k rows.
     no_iteration = sql.SQL(
         "SELECT set_config('hnsw.iterative_scan', 'off', true),"
-        " set_config('hnsw.ef_search', '40', true), {dimension}"
+        " set_config('hnsw.ef_search', '40', true), NULL::float8, {dimension}"
     ).format(dimension=sql.Literal(DIM))
     short = reads._nearest(
         big_conn, no_iteration, {}, TARGET, big.queries[0], k=10, user_id=None, channel=None
@@ -607,10 +608,12 @@ def test_iterative_scan_returns_k_rows_of_a_small_client(
     assert isinstance(short, list) and len(short) < 10
 
 
-def recall(conn: psycopg.Connection, client: str, queries: np.ndarray) -> list[float]:
+def recall(
+    conn: psycopg.Connection, client: str, queries: np.ndarray, **search: int
+) -> list[float]:
     figures = []
     for query in queries:
-        approximate = set(ids(reads.semantic_search(conn, client, query, k=10)))
+        approximate = set(ids(reads.semantic_search(conn, client, query, k=10, **search)))
         exact = reads.exact_search(conn, client, query, k=10)
         assert len(exact) == 10
         figures.append(len(approximate & set(ids(exact))) / 10)
@@ -620,7 +623,9 @@ def recall(conn: psycopg.Connection, client: str, queries: np.ndarray) -> list[f
 def test_recall_at_10_against_exact_search(big: Big, big_conn: psycopg.Connection) -> None:
     large = recall(big_conn, LARGE, big.queries)  # the planner's own HNSW path
     big_conn.execute("SET enable_sort = off")
-    small = recall(big_conn, TARGET, big.queries)  # HNSW + iterative scan, 2% client
+    small = recall(big_conn, TARGET, big.queries, exact_below=0)  # HNSW + iterative scan
+    exact_path = recall(big_conn, TARGET, big.queries)  # ranked exactly: recall 1
     print(f"recall@10: {LARGE} {np.mean(large):.3f}, {TARGET} (HNSW) {np.mean(small):.3f}")
     assert np.mean(large) >= 0.9, large
     assert np.mean(small) >= 0.9, small
+    assert exact_path == [1.0] * len(big.queries)

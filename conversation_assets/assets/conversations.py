@@ -6,7 +6,11 @@ from typing import Any, Literal
 import dagster as dg
 from pydantic import Field
 
-from conversation_assets.assets.discovery import discovered_sessions, partition_keys_for
+from conversation_assets.assets.discovery import (
+    announce_other_partitions,
+    discovered_sessions,
+    partition_keys_for,
+)
 from conversation_assets.conversations import BuildReport, build_conversations
 from conversation_assets.embedding import EmbedReport, backlog_size, embed_backlog
 from conversation_assets.partitions import daily_partitions
@@ -106,17 +110,7 @@ def conversations(
             description="conversations could not be built for any crew",
             metadata={"crew_errors": dg.MetadataValue.json(report.crew_errors)},
         )
-    own = set(context.partition_keys)
-    for key in partition_keys_for(report.touched_days):
-        if key not in own:
-            context.log_event(
-                dg.AssetMaterialization(
-                    asset_key=context.asset_key,
-                    partition=key,
-                    description=f"conversations changed by run {context.run.run_id}",
-                    metadata={"mode": config.mode},
-                )
-            )
+    announce_other_partitions(context, report.touched_days, "conversations", config.mode)
     metadata = _build_metadata(report)
     metadata["summarizer"] = summarizer.name
     return dg.MaterializeResult(metadata=metadata)

@@ -50,6 +50,25 @@ def partition_keys_for(days: set[date]) -> list[str]:
     return sorted(day.isoformat() for day in days if first <= day <= last)
 
 
+def announce_other_partitions(
+    context: dg.AssetExecutionContext, days: set[date], what: str, mode: str
+) -> None:
+    """An incremental run can change rows of other days than its own (a session that
+    started yesterday got a new message): announce those partitions too, so what
+    depends on them sees the change."""
+    own = set(context.partition_keys)
+    for key in partition_keys_for(days):
+        if key not in own:
+            context.log_event(
+                dg.AssetMaterialization(
+                    asset_key=context.asset_key,
+                    partition=key,
+                    description=f"{what} changed by run {context.run.run_id}",
+                    metadata={"mode": mode},
+                )
+            )
+
+
 def _crew_metadata(outcome: CrewOutcome) -> dict[str, object]:
     figures = outcome.figures
     return {
@@ -132,20 +151,7 @@ def discovered_sessions(
         )
     metadata = _report_metadata(report)
     metadata["pool"] = dg.MetadataValue.json(postgres.pool_stats())
-    # An incremental run can change sessions of other days than its own (a session
-    # that started yesterday got a new message): announce those partitions too, so
-    # what depends on them sees the change.
-    own = set(context.partition_keys)
-    for key in partition_keys_for(report.touched_days):
-        if key not in own:
-            context.log_event(
-                dg.AssetMaterialization(
-                    asset_key=context.asset_key,
-                    partition=key,
-                    description=f"sessions changed by run {context.run.run_id}",
-                    metadata={"mode": config.mode},
-                )
-            )
+    announce_other_partitions(context, report.touched_days, "sessions", config.mode)
     return dg.MaterializeResult(metadata={"mode": config.mode, **metadata})
 
 

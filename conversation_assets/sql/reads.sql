@@ -66,9 +66,22 @@ WHERE c.id = %(id)s
 -- keeps reading the graph until k rows pass the client filter (or
 -- max_scan_tuples are read); relaxed_order lets it return them slightly out of
 -- order, which reads_nearest re-sorts.
+-- Also the planner's own estimate of the client's rows (its most-common-values
+-- statistics; a client not among them is small): a filter that leaves few rows
+-- makes the HNSW scan read far past k, so those are ranked exactly instead.
 SELECT set_config('hnsw.ef_search', %(ef_search)s::text, true),
        set_config('hnsw.iterative_scan', 'relaxed_order', true),
        set_config('hnsw.max_scan_tuples', %(max_scan_tuples)s::text, true),
+       coalesce((SELECT f.freq
+                 FROM pg_stats AS s
+                 CROSS JOIN LATERAL unnest(s.most_common_vals::text::text[],
+                                           s.most_common_freqs) AS f(val, freq)
+                 WHERE s.schemaname = (SELECT relnamespace::regnamespace::text FROM pg_class
+                                       WHERE oid = 'conversations'::regclass)
+                   AND s.tablename = 'conversations' AND s.attname = 'client_code'
+                   AND f.val = %(client_code)s), 0)
+           * greatest((SELECT reltuples FROM pg_class
+                       WHERE oid = 'conversations'::regclass), 0) AS client_rows,
        (SELECT a.atttypmod FROM pg_attribute AS a
         WHERE a.attrelid = 'conversations'::regclass AND a.attname = 'embedding') AS dimension;
 
@@ -81,6 +94,7 @@ SELECT set_config('enable_indexscan', 'off', true),
        set_config('enable_indexonlyscan', 'off', true),
        set_config('enable_seqscan', 'on', true),
        set_config('enable_sort', 'on', true),
+       NULL::float8 AS client_rows,
        (SELECT a.atttypmod FROM pg_attribute AS a
         WHERE a.attrelid = 'conversations'::regclass AND a.attname = 'embedding') AS dimension;
 
@@ -89,9 +103,9 @@ SELECT set_config('enable_indexscan', 'off', true),
 -- MATERIALIZED CTE (served by conversations_embedding_hnsw_idx, whose predicate
 -- `embedding IS NOT NULL` must appear here), re-sorted outside: by `distance + 0`,
 -- since PostgreSQL 17+ otherwise takes the CTE's ORDER BY as already done and
--- would keep the index's relaxed order. When the filters
--- leave few rows (a small client, one user) the planner prefers ranking them
--- exactly through conversations_client_created_idx / _user_created_idx.
+-- would keep the index's relaxed order. {order} is `distance` (HNSW), or
+-- the distance plus 0 to rank the filtered rows exactly (no index can order by it)
+-- when the filters leave few of them (a small client, one user).
 WITH nearest AS MATERIALIZED (
     SELECT c.id, c.embedding <=> %(query)s::vector AS distance
     FROM conversations AS c
@@ -100,7 +114,7 @@ WITH nearest AS MATERIALIZED (
       AND c.deleted_at IS NULL
       AND (%(user_id)s::text IS NULL OR c.user_id = %(user_id)s::text)
       AND (%(channel)s::text IS NULL OR c.channel = %(channel)s::text)
-    ORDER BY distance
+    ORDER BY {order}
     LIMIT %(k)s
 )
 SELECT n.distance, {columns}
