@@ -30,9 +30,11 @@ PRODUCT_STATUSES = ("active", "closed", "archived")
 MAX_PAGE_SIZE = 500
 MAX_K = 1000
 MAX_EF_SEARCH = 1000  # pgvector's upper bound for hnsw.ef_search
-# Below this many rows (the planner's estimate) a client's search is ranked exactly:
-# its filtered HNSW scan would read about k / (its share of all rows) index tuples.
-EXACT_BELOW = 3000
+# Below this many rows (the planner's estimate) a client's search is ranked exactly
+# through conversations_client_vectors_idx (about 1.3 us a vector, index-only): its
+# filtered HNSW scan would fetch about k / (its share of all rows) heap rows. At
+# 100k vectors over 20 clients 10,000 gave the best p95 (benchmarks/README.md).
+EXACT_BELOW = 10_000
 MAX_TAG_LENGTH = 100  # conversation_tags' check constraint
 
 

@@ -146,6 +146,13 @@ $$;
 CREATE INDEX conversations_embedding_hnsw_idx
     ON conversations USING hnsw (embedding vector_cosine_ops) WHERE embedding IS NOT NULL;
 
+-- Serves: semantic search within a small client (or the exact recall reference):
+-- its vectors ranked exactly by an index-only scan, read in one run of leaf pages
+-- instead of one heap page per row. The HNSW scan, filtered to a client holding a
+-- small share of all rows, would fetch about k / share heap rows to find k.
+CREATE INDEX conversations_client_vectors_idx ON conversations (client_code)
+    INCLUDE (id, embedding) WHERE embedding IS NOT NULL AND deleted_at IS NULL;
+
 -- Keeps the timestamps honest whoever updates (seed 001's trigger): updated_at
 -- is the time of the write, created_at is kept unless given, last_message_at
 -- falls back to the previous value, then to created_at. Inserts need no trigger

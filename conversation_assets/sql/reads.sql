@@ -105,7 +105,8 @@ SELECT set_config('enable_indexscan', 'off', true),
 -- since PostgreSQL 17+ otherwise takes the CTE's ORDER BY as already done and
 -- would keep the index's relaxed order. {order} is `distance` (HNSW), or
 -- the distance plus 0 to rank the filtered rows exactly (no index can order by it)
--- when the filters leave few of them (a small client, one user).
+-- when the filters leave few of them (a small client through
+-- conversations_client_vectors_idx, one user through conversations_user_created_idx).
 WITH nearest AS MATERIALIZED (
     SELECT c.id, c.embedding <=> %(query)s::vector AS distance
     FROM conversations AS c
