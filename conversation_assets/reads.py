@@ -248,7 +248,7 @@ def list_conversations(
         page_size=page_size,
         with_transcript=with_transcript,
     )
-    rows = conn.execute(statement, params).fetchall()
+    rows = conn.execute(statement, params, prepare=False).fetchall()
     total = int(rows[0][0]) if rows else 0
     items = [_summary(row[1:]) for row in rows if row[1] is not None]
     return ConversationPage(
@@ -346,7 +346,7 @@ def _nearest(
         statement = query("reads_nearest", columns=_columns(), order=order)
         if explain:
             statement = sql.SQL("EXPLAIN (COSTS OFF) ") + statement
-        rows = conn.execute(statement, params).fetchall()
+        rows = conn.execute(statement, params, prepare=False).fetchall()
     if explain:
         return "\n".join(r[0] for r in rows)
     return [SearchHit(conversation=_summary(r[1:]), distance=float(r[0])) for r in rows]

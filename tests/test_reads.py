@@ -630,3 +630,21 @@ def test_recall_at_10_against_exact_search(big: Big, big_conn: psycopg.Connectio
     assert np.mean(large) >= 0.9, large
     assert np.mean(small) >= 0.9, small
     assert exact_path == [1.0] * len(big.queries)
+
+
+def test_reads_are_never_prepared_whatever_the_connection_does(
+    big: Big, big_conn: psycopg.Connection
+) -> None:
+    # A prepared statement gets a generic plan, which cannot fold the unused optional
+    # filters away: reads.py plans every list and search with its parameters.
+    with psycopg.connect(big.url, autocommit=True, prepare_threshold=0) as eager:
+        register_vector(eager)
+        for _ in range(6):
+            reads.list_conversations(eager, LARGE, user_id="u03")
+            reads.semantic_search(eager, LARGE, big.queries[0], k=10)
+        prepared = eager.execute(
+            "SELECT count(*) FROM pg_prepared_statements "
+            "WHERE statement LIKE '%%WITH nearest AS%%' OR statement LIKE '%%WITH matched AS%%'",
+            prepare=False,
+        ).fetchone()
+    assert prepared == (0,)
