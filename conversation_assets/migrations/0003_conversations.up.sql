@@ -15,14 +15,15 @@ ALTER TABLE discovered_sessions ADD COLUMN content_checksum bigint NOT NULL DEFA
 -- Sessions whose discovered row changed and whose conversation must be rebuilt.
 -- Discovery inserts here in the same transaction as the change, so nothing is
 -- missed whatever order transactions commit in. A repeated change bumps
--- `version`; the builder deletes an entry only at the version it built from.
+-- `version` only (no indexed column moves, so the update stays on its page: HOT);
+-- the builder deletes an entry only at the version it built from.
 CREATE TABLE conversation_queue (
     crew_code  text NOT NULL,
     session_id varchar(255) NOT NULL,
     version    bigint NOT NULL DEFAULT 1,
-    queued_at  timestamptz NOT NULL DEFAULT now(),
+    queued_at  timestamptz NOT NULL DEFAULT now(),  -- first queued: oldest first
     PRIMARY KEY (crew_code, session_id)
-);
+) WITH (fillfactor = 70);
 -- Serves: the builder taking the oldest entries first.
 CREATE INDEX conversation_queue_queued_at_idx ON conversation_queue (queued_at);
 

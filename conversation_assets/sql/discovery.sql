@@ -204,7 +204,7 @@ queued AS (
     INSERT INTO conversation_queue AS q (crew_code, session_id)
     SELECT %(crew_code)s, m.session_id FROM merged AS m
     ON CONFLICT (crew_code, session_id) DO UPDATE
-    SET version = q.version + 1, queued_at = now()
+    SET version = q.version + 1
 ),
 changed AS (
     SELECT m.session_id, f.is_new, m.started_at, f.previous_started_at
@@ -327,7 +327,7 @@ gone_queued AS (
     INSERT INTO conversation_queue AS q (crew_code, session_id)
     SELECT %(crew_code)s, g.session_id FROM gone AS g
     ON CONFLICT (crew_code, session_id) DO UPDATE
-    SET version = q.version + 1, queued_at = now()
+    SET version = q.version + 1
 )
 SELECT (SELECT coalesce(sum(message_count), 0) FROM batch) + (SELECT count(*) FROM rejected)
            AS fresh_rows,
