@@ -346,7 +346,10 @@ def main() -> None:
         initial_s = time.perf_counter() - started
         if initial.failed:
             raise SystemExit(f"initial discovery failed: {[o.error for o in initial.failed]}")
-        work.execute("VACUUM ANALYZE discovered_sessions, crew_discovery_state, discovery_rejects, conversation_queue")
+        work.execute(
+            "VACUUM ANALYZE discovered_sessions, crew_discovery_state, discovery_rejects, "
+            "conversation_queue"
+        )
         sessions = work.execute("SELECT count(*) FROM discovered_sessions").fetchone()
         print(
             f"initial discovery: {initial.total('rows_scanned'):,} rows, "
