@@ -104,12 +104,14 @@ CREATE TABLE conversations (
 ) WITH (fillfactor = 90);  -- room for rebuilds and embedding writes to stay on the page
 
 -- Serves: a user's conversations, newest first (seed 001's most common query,
--- keyed by client first so no query can span tenants).
+-- keyed by client first so no query can span tenants). `id` is included so the
+-- list's total count is an index-only scan, not a heap fetch per match.
 CREATE INDEX conversations_user_created_idx
-    ON conversations (client_code, user_id, created_at DESC) WHERE deleted_at IS NULL;
+    ON conversations (client_code, user_id, created_at DESC) INCLUDE (id)
+    WHERE deleted_at IS NULL;
 -- Serves: a client's conversation list, newest first (the list route without a user).
 CREATE INDEX conversations_client_created_idx
-    ON conversations (client_code, created_at DESC) WHERE deleted_at IS NULL;
+    ON conversations (client_code, created_at DESC) INCLUDE (id) WHERE deleted_at IS NULL;
 -- Serves: a user's active conversations by last activity (partial: active only).
 CREATE INDEX conversations_active_idx
     ON conversations (client_code, user_id, last_message_at DESC)
