@@ -14,12 +14,18 @@ from conversation_assets.assets.discovery import (
     discovered_sessions,
     discovered_sessions_match_source,
 )
-from jobs import discovery_job, embedding_job
+from conversation_assets.assets.enrichment import (
+    conversation_metrics,
+    enriched_conversations,
+    enriched_matches_conversations,
+    performance_stats,
+)
+from jobs import discovery_job, embedding_job, metrics_job, performance_stats_job
 from resources.embeddings import EmbeddingResource
 from resources.postgres import PostgresResource
 from resources.summarizer import SummarizerResource
-from schedules import discovery_schedule
-from sensors import embedding_backlog_sensor, new_histories_sensor
+from schedules import discovery_schedule, metrics_schedule, performance_stats_schedule
+from sensors import embedding_backlog_sensor, metrics_automation_sensor, new_histories_sensor
 
 postgres = PostgresResource(
     database_url=dg.EnvVar("DATABASE_URL"),
@@ -46,15 +52,23 @@ summarizer = SummarizerResource(
 )
 
 defs = dg.Definitions(
-    assets=[discovered_sessions, conversations, conversation_embeddings],
+    assets=[
+        discovered_sessions,
+        conversations,
+        conversation_embeddings,
+        enriched_conversations,
+        conversation_metrics,
+        performance_stats,
+    ],
     asset_checks=[
         discovered_sessions_match_source,
         crews_discoverable,
         conversations_match_sessions,
         embedding_backlog_small,
+        enriched_matches_conversations,
     ],
-    jobs=[discovery_job, embedding_job],
-    schedules=[discovery_schedule],
-    sensors=[new_histories_sensor, embedding_backlog_sensor],
+    jobs=[discovery_job, embedding_job, metrics_job, performance_stats_job],
+    schedules=[discovery_schedule, metrics_schedule, performance_stats_schedule],
+    sensors=[new_histories_sensor, embedding_backlog_sensor, metrics_automation_sensor],
     resources={"postgres": postgres, "embeddings": embeddings, "summarizer": summarizer},
 )

@@ -459,6 +459,7 @@ def add_messages(
 
 
 # (crew_code, client_code, histories_table, shape, sessions)
+_DEMO_USERS = 97  # users per client: the 97 in the messages' user_id
 _DEMO_CREWS = (
     ("acme_support", "acme", "acme_support_histories", "n8n", 300),
     ("acme_sales", "acme", "acme_sales_histories", "langchain", 200),
@@ -469,8 +470,71 @@ _DEMO_CREWS = (
 )
 
 
+def create_product_tables(conn: psycopg.Connection) -> None:
+    """The product's own tables that enrichment joins (the pipeline never creates
+    them): one insights row per client and user, one ticket per conversation."""
+    conn.execute(
+        """CREATE TABLE IF NOT EXISTS user_insights (
+               client_code    text NOT NULL,
+               user_id        text NOT NULL,
+               plan           text,
+               lifetime_value numeric(12, 2),
+               app_sessions   integer,
+               country        text,
+               PRIMARY KEY (client_code, user_id))"""
+    )
+    conn.execute(
+        """CREATE TABLE IF NOT EXISTS linked_tickets (
+               conversation_id uuid PRIMARY KEY,
+               client_code     text NOT NULL,
+               identifier      text NOT NULL,
+               title           text,
+               state           text,
+               url             text)"""
+    )
+
+
+def fill_product_tables(conn: psycopg.Connection) -> tuple[int, int]:
+    """Insights for most demo users (some have none) and a ticket for about one
+    conversation in twelve of each crew; returns (users, tickets)."""
+    create_product_tables(conn)
+    users = conn.execute(
+        """INSERT INTO user_insights AS u
+           SELECT c.client_code, 'user_' || n,
+                  (ARRAY['free', 'pro', 'team'])[1 + (abs(hashtext(c.client_code || n)) %% 3)],
+                  round((abs(hashtext(n || c.client_code)) %% 500000) / 100.0, 2),
+                  abs(hashtext(c.client_code || n || 's')) %% 400,
+                  (ARRAY['US', 'FR', 'DE', 'BR', 'IN'])[1 + (abs(hashtext(n::text)) %% 5)]
+           FROM (SELECT DISTINCT client_code FROM crews) AS c,
+                generate_series(0, %(users)s - 1) AS n
+           WHERE abs(hashtext(c.client_code || n || 'has')) %% 10 <> 0
+           ON CONFLICT DO NOTHING""",
+        {"users": _DEMO_USERS},
+    ).rowcount
+    tickets = 0
+    for crew, client, table, _shape, _sessions in _DEMO_CREWS:
+        tickets += conn.execute(
+            sql.SQL(
+                """INSERT INTO linked_tickets AS t
+                   SELECT conversation_id(%(crew)s, s.session_id), %(client)s,
+                          'SUP-' || (abs(hashtext(s.session_id)) %% 90000 + 10000),
+                          'Follow-up for ' || %(crew)s,
+                          (ARRAY['Todo', 'In Progress', 'Done'])
+                              [1 + (abs(hashtext(s.session_id || 'st')) %% 3)],
+                          'https://tracker.example/SUP-'
+                              || (abs(hashtext(s.session_id)) %% 90000 + 10000)
+                   FROM (SELECT DISTINCT session_id::text AS session_id FROM {table}) AS s
+                   WHERE abs(hashtext(s.session_id || 'ticket')) %% 12 = 0
+                   ON CONFLICT DO NOTHING"""
+            ).format(table=_table_identifier(table)),
+            {"crew": crew, "client": client},
+        ).rowcount
+    return users, tickets
+
+
 def load_demo(conn: psycopg.Connection, *, seed: int = 7) -> dict[str, int]:
-    """Register six demo crews of three clients and fill their histories, once.
+    """Register six demo crews of three clients, fill their histories and the
+    product's user insights and tickets, once.
 
     Does nothing (returns ``{}``) when the ``crews`` table already has rows, so the
     dev launcher may call it on every start. Expects a migrated database.
@@ -492,4 +556,5 @@ def load_demo(conn: psycopg.Connection, *, seed: int = 7) -> dict[str, int]:
                 "INSERT INTO crews (crew_code, client_code, histories_table) VALUES (%s, %s, %s)",
                 (crew, client, table),
             )
+        fill_product_tables(conn)
     return added

@@ -9,3 +9,9 @@ from conversation_assets import settings
 daily_partitions = dg.DailyPartitionsDefinition(
     start_date=settings.partitions_start(), end_offset=1, timezone="UTC"
 )
+
+# Pipeline figures by the UTC hour. end_offset=0: an hour is a partition once it is
+# over, so the hourly schedule always refreshes a complete hour.
+hourly_partitions = dg.HourlyPartitionsDefinition(
+    start_date=f"{settings.partitions_start()}-00:00", end_offset=0, timezone="UTC"
+)

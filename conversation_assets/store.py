@@ -15,14 +15,17 @@ import hashlib
 import itertools
 import json
 import uuid
+from collections import deque
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 import psycopg
 from psycopg.types.json import Jsonb
+from psycopg_pool import ConnectionPool
 
 from conversation_assets.queries import query
 
@@ -50,6 +53,8 @@ _STAGE_TYPES = (
     *("timestamptz",) * 3,
 )
 _EXCERPT_CHARS = 500
+# One encoder for every record: json.dumps with options builds a new one per call.
+_JSON = json.JSONEncoder(ensure_ascii=False, allow_nan=False)
 
 
 def conversation_id(crew_code: str, session_id: str) -> uuid.UUID:
@@ -123,15 +128,16 @@ class UpsertReport:
 
 def _copy_problem(record: ConversationRecord) -> str | None:
     """What would break the COPY itself; everything else is checked in SQL."""
-    texts = []
-    for name in _TEXT_FIELDS:
-        value = getattr(record, name)
-        if value is None:
-            continue
-        if type(value) is not str:
-            return f"{name} is not text ({type(value).__name__})"
-        texts.append(value)
-    joined = "".join(texts)
+    texts = [getattr(record, name) for name in _TEXT_FIELDS]
+    try:
+        joined = "".join([text for text in texts if text is not None])
+    except TypeError:
+        name, value = next(
+            (n, v)
+            for n, v in zip(_TEXT_FIELDS, texts, strict=True)
+            if v is not None and not isinstance(v, str)
+        )
+        return f"{name} is not text ({type(value).__name__})"
     if "\x00" in joined:
         name = next(n for n in _TEXT_FIELDS if "\x00" in (getattr(record, n) or ""))
         return f"{name} contains a NUL byte"
@@ -150,7 +156,7 @@ def _copy_problem(record: ConversationRecord) -> str | None:
 def _metadata_json(record: ConversationRecord) -> tuple[str | None, str | None]:
     """The metadata as JSON text once (COPY sends it as is), or why it cannot be."""
     try:
-        text = json.dumps(record.metadata, ensure_ascii=False, allow_nan=False)
+        text = _JSON.encode(record.metadata)
     except (TypeError, ValueError) as error:
         return None, f"metadata is not JSON: {error}"
     if "\\u0000" in text:
@@ -281,16 +287,35 @@ def upsert_conversations(
 
 
 def upsert_conversations_in_batches(
-    conn: psycopg.Connection,
+    target: psycopg.Connection | ConnectionPool,
     records: Iterable[ConversationRecord],
     *,
     batch_size: int = 5_000,
+    workers: int = 2,
     source: str = "api",
 ) -> UpsertReport:
-    """A bulk load: one transaction per `batch_size` records, the next batch checked
-    and encoded in a thread while the database writes the current one."""
+    """A bulk load: one transaction per batch of at most `batch_size` records.
+
+    Given a connection, batches are written one after another while a thread checks
+    and encodes the next one. Given a pool, `workers` connections write at once (a
+    second backend is what lets a bulk load use a second core). Records are routed
+    by session, so every record of one session goes through the same connection in
+    input order: the last one wins, as on one connection, and no two transactions
+    ever wait on the same row. Batches commit independently; if one fails, the
+    error is raised once the batches already sent have finished.
+    """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if isinstance(target, psycopg.Connection):
+        return _upsert_serial(target, records, batch_size, source)
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}")
+    return _upsert_parallel(target, records, batch_size, workers, source)
+
+
+def _upsert_serial(
+    conn: psycopg.Connection, records: Iterable[ConversationRecord], batch_size: int, source: str
+) -> UpsertReport:
     report = UpsertReport()
     remaining = iter(records)
     chunks = iter(lambda: list(itertools.islice(remaining, batch_size)), [])
@@ -304,6 +329,60 @@ def upsert_conversations_in_batches(
             following = next(chunks, None)
             pending = worker.submit(_prepare, following) if following is not None else None
             report.add(_write(conn, batch, source))
+    return report
+
+
+def _route(record: ConversationRecord, workers: int) -> int:
+    """The worker that owns a record's session (bad keys all go to the first)."""
+    try:
+        return hash((record.crew_code, record.session_id)) % workers
+    except TypeError:
+        return 0
+
+
+def _upsert_parallel(
+    pool: ConnectionPool,
+    records: Iterable[ConversationRecord],
+    batch_size: int,
+    workers: int,
+    source: str,
+) -> UpsertReport:
+    report = UpsertReport()
+    lanes: list[list[ConversationRecord]] = [[] for _ in range(workers)]
+    executors = [
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"upsert-{n}") for n in range(workers)
+    ]
+    in_flight: list[deque[Future[UpsertReport]]] = [deque() for _ in range(workers)]
+    connections = ExitStack()
+
+    def send(lane: int) -> None:
+        # Checked and encoded here, while the lanes' connections wait on the database.
+        batch = _prepare(lanes[lane])
+        lanes[lane] = []
+        # At most two batches per lane in memory: one writing, one waiting.
+        while len(in_flight[lane]) >= 2:
+            report.add(in_flight[lane].popleft().result())
+        in_flight[lane].append(
+            executors[lane].submit(_write, lane_connections[lane], batch, source)
+        )
+
+    try:
+        lane_connections = [connections.enter_context(pool.connection()) for _ in range(workers)]
+        for record in records:
+            lane = _route(record, workers)
+            lanes[lane].append(record)
+            if len(lanes[lane]) >= batch_size:
+                send(lane)
+        for lane in range(workers):
+            if lanes[lane]:
+                send(lane)
+        for futures in in_flight:
+            while futures:
+                report.add(futures.popleft().result())
+    finally:
+        for executor in executors:
+            executor.shutdown(wait=True)
+        connections.close()
     return report
 
 

@@ -1,12 +1,12 @@
 """Schedules of the project."""
 
-from datetime import UTC
+from datetime import UTC, timedelta
 
 import dagster as dg
 from dagster._utils.schedules import is_valid_cron_string
 
 from conversation_assets import settings
-from jobs import INCREMENTAL_RUN_CONFIG, discovery_job
+from jobs import INCREMENTAL_RUN_CONFIG, discovery_job, metrics_job, performance_stats_job
 
 
 def discovery_cron() -> str:
@@ -43,3 +43,40 @@ def build_discovery_schedule() -> dg.ScheduleDefinition:
 
 
 discovery_schedule = build_discovery_schedule()
+
+
+def _default_status() -> dg.DefaultScheduleStatus:
+    if settings.background_jobs_enabled():
+        return dg.DefaultScheduleStatus.RUNNING
+    return dg.DefaultScheduleStatus.STOPPED
+
+
+def build_metrics_schedule() -> dg.ScheduleDefinition:
+    """Yesterday's metrics once the day is over. (Days also refresh whenever their
+    enriched rows change, through metrics_automation_sensor.)"""
+
+    @dg.schedule(
+        name="metrics_schedule",
+        cron_schedule="30 0 * * *",
+        execution_timezone="UTC",
+        job=metrics_job,
+        default_status=_default_status(),
+        description="Daily at 00:30 UTC: replace the metrics of the day that just ended.",
+    )
+    def metrics_schedule(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
+        day = context.scheduled_execution_time.astimezone(UTC).date() - timedelta(days=1)
+        return dg.RunRequest(partition_key=day.isoformat(), tags={"metrics/trigger": "schedule"})
+
+    return metrics_schedule
+
+
+metrics_schedule = build_metrics_schedule()
+
+# Each hour, five minutes past: the hour that just ended (hourly partitions end there).
+performance_stats_schedule = dg.build_schedule_from_partitioned_job(
+    performance_stats_job,
+    name="performance_stats_schedule",
+    minute_of_hour=5,
+    default_status=_default_status(),
+    description="Hourly: replace performance_stats for the hour that just ended.",
+)

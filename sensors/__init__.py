@@ -8,6 +8,7 @@ import dagster as dg
 
 from conversation_assets import settings
 from conversation_assets.assets.discovery import partition_keys_for
+from conversation_assets.assets.enrichment import conversation_metrics
 from conversation_assets.discovery import probe_new_work
 from conversation_assets.embedding import backlog_size
 from jobs import INCREMENTAL_RUN_CONFIG, discovery_job, embedding_job
@@ -105,3 +106,15 @@ def build_embedding_backlog_sensor() -> dg.SensorDefinition:
 
 
 embedding_backlog_sensor = build_embedding_backlog_sensor()
+
+
+def build_metrics_automation_sensor() -> dg.AutomationConditionSensorDefinition:
+    return dg.AutomationConditionSensorDefinition(
+        "metrics_automation_sensor",
+        target=dg.AssetSelection.assets(conversation_metrics),
+        default_status=_default_status(),
+        description="Refreshes each day of conversation_metrics whose enriched rows changed.",
+    )
+
+
+metrics_automation_sensor = build_metrics_automation_sensor()

@@ -19,11 +19,17 @@ from conversation_assets.assets.conversations import (
     conversations_match_sessions,
 )
 from conversation_assets.assets.discovery import discovered_sessions
+from conversation_assets.assets.enrichment import enriched_conversations
 from conversation_assets.conversations import build_conversations
 from conversation_assets.discovery import discover
 from conversation_assets.embedded import scratch_database
 from conversation_assets.embedding import embed_backlog
-from conversation_assets.store import ConversationRecord, conversation_id, upsert_conversations
+from conversation_assets.store import (
+    ConversationRecord,
+    conversation_id,
+    upsert_conversations,
+    upsert_conversations_in_batches,
+)
 from jobs import INCREMENTAL_RUN_CONFIG
 from resources.embeddings import DimensionMismatchError, EmbeddingResource
 from resources.summarizer import SummarizerResource
@@ -213,6 +219,43 @@ def test_a_batch_is_all_or_nothing_when_its_connection_dies(conn, db_url):
     assert rows(conn, "session_id, summary") == [("s0", "hello from s0")]
     report = upsert_conversations(conn, batch)  # the rerun writes it whole
     assert (report.inserted, report.updated) == (199, 1)
+
+
+@pytest.mark.parametrize("through", ["connection", "pool"])
+def test_a_bulk_load_in_batches_lands_whole_and_the_last_record_of_a_session_wins(
+    conn, postgres, through
+):
+    first = [record(f"s{i:03}", summary="first") for i in range(300)]
+    again = [record(f"s{i:03}", summary="last") for i in range(0, 300, 3)]
+    bad = [record("nul", full_conversation="a\x00b"), record("status", status="gone")]
+    target = conn if through == "connection" else postgres.pool
+    # Batches of 7 and 3 workers: each session's two records sit in different batches.
+    report = upsert_conversations_in_batches(
+        target, first + bad + again, batch_size=7, workers=3, source="bulk"
+    )
+
+    assert (report.inserted, report.updated, report.rejected) == (300, 100, 2)
+    stored = dict(conn.execute("SELECT session_id, summary FROM conversations"))
+    assert stored == {f"s{i:03}": "last" if i % 3 == 0 else "first" for i in range(300)}
+    assert conn.execute(
+        "SELECT record_key, source FROM conversation_rejects ORDER BY 1"
+    ).fetchall() == [("crew/nul", "bulk"), ("crew/status", "bulk")]
+
+    unchanged = upsert_conversations_in_batches(target, first[1::3], batch_size=50, workers=2)
+    assert (unchanged.inserted, unchanged.updated, unchanged.unchanged) == (0, 0, 100)
+
+
+def test_a_failed_batch_of_a_parallel_load_is_raised_and_other_batches_stay(conn, postgres):
+    conn.execute(
+        "ALTER TABLE conversations ADD CONSTRAINT no_boom CHECK (summary IS DISTINCT FROM 'boom')"
+    )
+    batch = [record(f"s{i:02}") for i in range(40)] + [record("x", summary="boom")]
+    with pytest.raises(psycopg.errors.CheckViolation, match="no_boom"):
+        upsert_conversations_in_batches(postgres.pool, batch, batch_size=5, workers=2)
+    stored = {r[0] for r in conn.execute("SELECT session_id FROM conversations")}
+    assert "x" not in stored and len(stored) >= 30  # the other batches committed
+    with pytest.raises(ValueError, match="workers must be at least 1"):
+        upsert_conversations_in_batches(postgres.pool, batch, workers=0)
 
 
 def test_an_older_build_never_overwrites_a_newer_one_and_product_choices_stay(conn):
@@ -472,7 +515,7 @@ def test_the_asset_stores_an_llm_summary_from_an_ollama_server(conn, postgres, c
     llm = SummarizerResource(backend="ollama", base_url=chat.url, model="tiny")
 
     result = dg.materialize(
-        [discovered_sessions, conversations],
+        [discovered_sessions, conversations, enriched_conversations],  # as in discovery_job
         partition_key=DAY.date().isoformat(),
         resources={**_resources(postgres), "summarizer": llm},
         run_config=INCREMENTAL_RUN_CONFIG,
@@ -572,7 +615,7 @@ def test_the_job_builds_conversations_after_discovery_and_the_check_agrees(conn,
     say(conn, "histories", "s2", "human", "hello", DAY + timedelta(days=1))
 
     result = dg.materialize(
-        [discovered_sessions, conversations],
+        [discovered_sessions, conversations, enriched_conversations],  # as in discovery_job
         partition_key=DAY.date().isoformat(),
         resources=_resources(postgres),
         run_config=INCREMENTAL_RUN_CONFIG,

@@ -30,21 +30,31 @@ def test_definitions_load_with_the_expected_names():
     graph = defs.resolve_asset_graph()
     assert sorted(key.to_user_string() for key in graph.get_all_asset_keys()) == [
         "conversation_embeddings",
+        "conversation_metrics",
         "conversations",
         "discovered_sessions",
+        "enriched_conversations",
+        "performance_stats",
     ]
     assert sorted(check.name for check in graph.asset_check_keys) == [
         "conversations_match_sessions",
         "crews_discoverable",
         "discovered_sessions_match_source",
         "embedding_backlog_small",
+        "enriched_matches_conversations",
+        "totals_match_recount",
     ]
     assert defs.resolve_job_def("discovery_job").partitions_def is not None
     assert defs.resolve_job_def("embedding_job").partitions_def is None
+    assert defs.resolve_job_def("metrics_job").partitions_def is not None
+    assert defs.resolve_job_def("performance_stats_job").partitions_def is not None
     assert defs.resolve_schedule_def("discovery_schedule").cron_schedule == "*/5 * * * *"
+    assert defs.resolve_schedule_def("metrics_schedule").cron_schedule == "30 0 * * *"
+    assert defs.resolve_schedule_def("performance_stats_schedule").cron_schedule == "5 * * * *"
     assert {sensor.name for sensor in defs.sensors or []} == {
         "new_histories_sensor",
         "embedding_backlog_sensor",
+        "metrics_automation_sensor",
     }
     assert set(defs.resources or {}) == {"postgres", "embeddings", "summarizer"}
 

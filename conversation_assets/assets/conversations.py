@@ -13,6 +13,7 @@ from conversation_assets.assets.discovery import (
 )
 from conversation_assets.conversations import BuildReport, build_conversations
 from conversation_assets.embedding import EmbedReport, backlog_size, embed_backlog
+from conversation_assets.enrichment import record_pipeline_run
 from conversation_assets.partitions import daily_partitions
 from conversation_assets.queries import query
 from resources.embeddings import EmbeddingResource
@@ -111,6 +112,15 @@ def conversations(
             metadata={"crew_errors": dg.MetadataValue.json(report.crew_errors)},
         )
     announce_other_partitions(context, report.touched_days, "conversations", config.mode)
+    record_pipeline_run(
+        postgres.pool,
+        run_id=context.run.run_id,
+        asset="conversations",
+        partition_key=context.partition_key_range.start,
+        duration_ms=report.seconds * 1000,
+        items=report.sessions,
+        batches=report.batches,
+    )
     metadata = _build_metadata(report)
     metadata["summarizer"] = summarizer.name
     return dg.MaterializeResult(metadata=metadata)
@@ -186,6 +196,16 @@ def conversation_embeddings(
         max_batches=config.max_batches,
         max_input_chars=config.max_input_chars,
         progress=context.log.info,
+    )
+    record_pipeline_run(
+        postgres.pool,
+        run_id=context.run.run_id,
+        asset="conversation_embeddings",
+        partition_key=None,
+        duration_ms=report.seconds * 1000,
+        items=report.embedded,
+        batches=report.batches,
+        model_ms=report.embed_seconds * 1000,
     )
     return dg.MaterializeResult(metadata=_embed_metadata(report))
 

@@ -15,6 +15,7 @@ from conversation_assets.discovery import (
     load_crews,
     recount_sessions,
 )
+from conversation_assets.enrichment import record_pipeline_run
 from conversation_assets.partitions import daily_partitions
 from conversation_assets.queries import query
 from resources.postgres import PostgresResource
@@ -152,6 +153,15 @@ def discovered_sessions(
     metadata = _report_metadata(report)
     metadata["pool"] = dg.MetadataValue.json(postgres.pool_stats())
     announce_other_partitions(context, report.touched_days, "sessions", config.mode)
+    record_pipeline_run(
+        postgres.pool,
+        run_id=context.run.run_id,
+        asset="discovered_sessions",
+        partition_key=context.partition_key_range.start,
+        duration_ms=report.seconds * 1000,
+        rows_scanned=report.total("rows_scanned"),
+        items=sum(report.total(f"sessions_{kind}") for kind in ("new", "updated", "deleted")),
+    )
     return dg.MaterializeResult(metadata={"mode": config.mode, **metadata})
 
 

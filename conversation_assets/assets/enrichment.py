@@ -1,0 +1,194 @@
+"""``enriched_conversations``, ``conversation_metrics`` and ``performance_stats``."""
+
+import warnings
+from typing import Literal
+
+import dagster as dg
+from pydantic import Field
+
+from conversation_assets.assets.conversations import conversations
+from conversation_assets.assets.discovery import announce_other_partitions, partition_keys_for
+from conversation_assets.enrichment import (
+    EXCERPT_CHARS,
+    enrich,
+    metrics_vs_recount,
+    record_pipeline_run,
+    refresh_metrics,
+    refresh_performance,
+)
+from conversation_assets.partitions import daily_partitions, hourly_partitions
+from conversation_assets.queries import query
+from resources.postgres import PostgresResource
+
+warnings.filterwarnings("ignore", message="Parameter `backfill_policy`", category=dg.BetaWarning)
+
+# Follow every updated parent partition, not only the latest day: an incremental
+# run announces each older day it changed.
+FOLLOW_PARENTS = dg.AutomationCondition.eager().without(
+    dg.AutomationCondition.in_latest_time_window()
+)
+
+
+class EnrichmentConfig(dg.Config):
+    mode: Literal["incremental", "full"] = Field(
+        default="full",
+        description="full: compare every conversation filed under the partition(s) and "
+        "rewrite only what changed (what a backfill wants). incremental: the queued "
+        "conversations of any day, plus those whose user insights or ticket changed "
+        "(sensor and schedule).",
+    )
+    batch_size: int = Field(default=5000, gt=0, description="Conversations per transaction.")
+    max_batches: int | None = Field(
+        default=None, gt=0, description="Incremental: stop after this many batches (all if unset)."
+    )
+    excerpt_chars: int = Field(
+        default=EXCERPT_CHARS,
+        gt=0,
+        description="Characters of the transcript's end kept as the latest messages.",
+    )
+
+
+@dg.asset(
+    partitions_def=daily_partitions,
+    deps=[conversations],
+    backfill_policy=dg.BackfillPolicy.single_run(),
+    pool="conversation_db",
+    kinds={"postgres"},
+    group_name="enrichment",
+)
+def enriched_conversations(
+    context: dg.AssetExecutionContext, config: EnrichmentConfig, postgres: PostgresResource
+) -> dg.MaterializeResult:
+    """One row per live conversation with its message aggregates, a bounded excerpt
+    of the latest messages, the user's insights and the linked ticket.
+
+    Only conversations whose inputs changed are rewritten, in set-based batches;
+    readers see the old row or the new one, never a lock.
+    """
+    window = context.partition_time_window
+    report = enrich(
+        postgres.pool,
+        mode=config.mode,
+        window=(window.start, window.end),
+        batch_size=config.batch_size,
+        max_batches=config.max_batches,
+        excerpt_chars=config.excerpt_chars,
+        progress=context.log.info,
+    )
+    for name in report.missing_tables:
+        context.log.warning(
+            f"table {name} does not exist: its columns stay empty until the product creates it"
+        )
+    announce_other_partitions(context, report.touched_days, "enriched rows", config.mode)
+    record_pipeline_run(
+        postgres.pool,
+        run_id=context.run.run_id,
+        asset="enriched_conversations",
+        partition_key=context.partition_key_range.start,
+        duration_ms=report.seconds * 1000,
+        items=report.written + report.removed,
+        batches=report.batches,
+    )
+    return dg.MaterializeResult(
+        metadata={
+            "mode": report.mode,
+            "conversations_compared": report.conversations,
+            "written": report.written,
+            "removed": report.removed,
+            "queued_for_user_insights": report.queued_for_insights,
+            "queued_for_tickets": report.queued_for_tickets,
+            "batches": report.batches,
+            "queue_left": report.queue_left,
+            "missing_tables": dg.MetadataValue.json(report.missing_tables),
+            "touched_partitions": dg.MetadataValue.json(partition_keys_for(report.touched_days)),
+            "duration_ms": round(report.seconds * 1000, 1),
+        }
+    )
+
+
+@dg.asset_check(
+    asset=enriched_conversations,
+    description="Exactly one enriched row per live conversation, unless it is still queued.",
+)
+def enriched_matches_conversations(postgres: PostgresResource) -> dg.AssetCheckResult:
+    with postgres.connection() as conn:
+        row = conn.execute(query("enriched_vs_conversations")).fetchone()
+    missing, orphaned, queued, missing_examples, orphaned_examples = row or (0, 0, 0, [], [])
+    return dg.AssetCheckResult(
+        passed=missing == 0 and orphaned == 0,
+        metadata={
+            "live_conversations_without_row": missing,
+            "rows_without_live_conversation": orphaned,
+            "queued": queued,
+            "examples_missing": dg.MetadataValue.json(missing_examples),
+            "examples_orphaned": dg.MetadataValue.json(orphaned_examples),
+        },
+    )
+
+
+@dg.asset(
+    partitions_def=daily_partitions,
+    deps=[enriched_conversations],
+    automation_condition=FOLLOW_PARENTS,
+    backfill_policy=dg.BackfillPolicy.single_run(),
+    pool="conversation_db",
+    kinds={"postgres"},
+    group_name="enrichment",
+    check_specs=[
+        dg.AssetCheckSpec(
+            "totals_match_recount",
+            asset="conversation_metrics",
+            description="The refreshed days' conversations and messages per client, "
+            "channel and status equal a recount from conversations.",
+        )
+    ],
+)
+def conversation_metrics(
+    context: dg.AssetExecutionContext, postgres: PostgresResource
+) -> dg.MaterializeResult:
+    """Per client, UTC day, channel and status: conversations, messages, average and
+    p95 duration, with embeddings, handed off, average sentiment. A refresh replaces
+    exactly its days in one transaction."""
+    window = context.partition_time_window
+    replaced = refresh_metrics(postgres.pool, (window.start, window.end))
+    with postgres.connection() as conn:
+        recount = metrics_vs_recount(conn, (window.start, window.end))
+    if recount.mismatches:
+        context.log.error(
+            f"{recount.mismatches} metrics rows differ from a recount: {recount.examples[:3]}"
+        )
+    return dg.MaterializeResult(
+        metadata={"rows": replaced.rows, "duration_ms": round(replaced.seconds * 1000, 1)},
+        check_results=[
+            dg.AssetCheckResult(
+                check_name="totals_match_recount",
+                passed=recount.mismatches == 0,
+                metadata={
+                    "mismatched_rows": recount.mismatches,
+                    "conversations_recounted": recount.conversations,
+                    "examples": dg.MetadataValue.json(recount.examples),
+                },
+            )
+        ],
+    )
+
+
+@dg.asset(
+    partitions_def=hourly_partitions,
+    deps=[conversations],
+    backfill_policy=dg.BackfillPolicy.single_run(),
+    pool="conversation_db",
+    kinds={"postgres"},
+    group_name="enrichment",
+)
+def performance_stats(
+    context: dg.AssetExecutionContext, postgres: PostgresResource
+) -> dg.MaterializeResult:
+    """Per UTC hour: conversations started (in all and per client) and the pipeline's
+    own figures from ``pipeline_runs`` (discovery duration, rows scanned, batch sizes,
+    embedding time). A refresh replaces exactly its hours."""
+    window = context.partition_time_window
+    replaced = refresh_performance(postgres.pool, (window.start, window.end))
+    return dg.MaterializeResult(
+        metadata={"hours": replaced.rows, "duration_ms": round(replaced.seconds * 1000, 1)}
+    )

@@ -1,0 +1,271 @@
+"""Enriched conversations, daily metrics and hourly performance figures.
+
+Every refresh is set-based SQL over only what changed, row by row, so readers never
+wait and never see a half-built table (seed 004's REFRESH MATERIALIZED VIEW rebuilt
+everything under a lock until the database fell over):
+
+- ``enrich``: conversations queued by the triggers on ``conversations`` (any
+  writer), plus those whose user insights or ticket changed (found by comparing
+  row hashes with the last refresh), are upserted into ``enriched_conversations``
+  in batches; rows whose conversation is gone or soft-deleted are removed.
+- ``refresh_metrics`` / ``refresh_performance``: one transaction replaces exactly
+  the partition's days or hours.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import date, datetime
+from typing import Any, Literal
+
+import psycopg
+from psycopg import sql
+from psycopg_pool import ConnectionPool
+
+from conversation_assets.queries import query, text
+
+PRODUCT_TABLES = ("user_insights", "linked_tickets")
+EXCERPT_CHARS = 600  # the end of the transcript kept as the latest messages
+_LOCK = "conversation_pipeline.enrichment"
+
+Window = tuple[datetime, datetime]
+
+
+@dataclass
+class EnrichReport:
+    mode: str
+    queued_for_insights: int = 0
+    queued_for_tickets: int = 0
+    conversations: int = 0  # looked at
+    written: int = 0  # inserted or changed
+    removed: int = 0  # gone or soft-deleted
+    batches: int = 0
+    queue_left: int = 0
+    missing_tables: list[str] = field(default_factory=list)
+    touched_days: set[date] = field(default_factory=set)
+    seconds: float = 0.0
+
+
+def product_tables(conn: psycopg.Connection) -> tuple[dict[str, sql.Composable], list[str]]:
+    """The product's tables to join, or empty relations of their shape (and which)."""
+    parts: dict[str, sql.Composable] = {}
+    missing: list[str] = []
+    for name in PRODUCT_TABLES:
+        row = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (name,)).fetchone()
+        if row and row[0]:
+            parts[name] = sql.Identifier(name)
+        else:
+            parts[name] = sql.SQL(text(f"empty_{name}"))  # type: ignore[arg-type]
+            missing.append(name)
+    return parts, missing
+
+
+def _enrich_batch(
+    conn: psycopg.Connection,
+    parts: dict[str, sql.Composable],
+    ids: list[Any],
+    report: EnrichReport,
+    excerpt_chars: int,
+) -> None:
+    row = conn.execute(
+        query("enrich_conversations", **parts), {"ids": ids, "excerpt_chars": excerpt_chars}
+    ).fetchone()
+    assert row is not None
+    written, removed, _live, days = row
+    report.conversations += len(ids)
+    report.written += written
+    report.removed += removed
+    report.touched_days.update(days)
+    report.batches += 1
+
+
+def enrich(
+    pool: ConnectionPool,
+    *,
+    mode: Literal["incremental", "full"],
+    window: Window | None = None,
+    batch_size: int = 5_000,
+    max_batches: int | None = None,
+    excerpt_chars: int = EXCERPT_CHARS,
+    progress: Callable[[str], None] | None = None,
+) -> EnrichReport:
+    """Bring ``enriched_conversations`` up to date.
+
+    incremental: every conversation queued before the run began, oldest first
+    (what is queued later waits for the next run, so a run always ends). full: every conversation
+    filed under ``window`` now or before, compared row by row (unchanged rows are
+    not rewritten). One refresh at a time: a second waits for the first.
+    """
+    if mode == "full" and window is None:
+        raise ValueError("a full refresh needs the partition window")
+    say = progress or (lambda _message: None)
+    started = time.perf_counter()
+    report = EnrichReport(mode=mode)
+    with pool.connection() as conn:
+        conn.autocommit = True
+        conn.execute("SELECT pg_advisory_lock(hashtext(%s))", (_LOCK,))
+        try:
+            parts, report.missing_tables = product_tables(conn)
+            with conn.transaction():
+                found = conn.execute(query("queue_changed_user_insights", **parts)).fetchone()
+                report.queued_for_insights = found[1] if found else 0
+                found = conn.execute(query("queue_changed_linked_tickets", **parts)).fetchone()
+                report.queued_for_tickets = found[1] if found else 0
+            if mode == "incremental":
+                _drain_queue(conn, parts, report, batch_size, max_batches, excerpt_chars, say)
+            else:
+                assert window is not None
+                _rebuild_window(conn, parts, report, window, batch_size, excerpt_chars, say)
+            left = conn.execute("SELECT count(*) FROM enrichment_queue").fetchone()
+            report.queue_left = left[0] if left else 0
+        finally:
+            conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", (_LOCK,))
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _drain_queue(
+    conn: psycopg.Connection,
+    parts: dict[str, sql.Composable],
+    report: EnrichReport,
+    batch_size: int,
+    max_batches: int | None,
+    excerpt_chars: int,
+    say: Callable[[str], None],
+) -> None:
+    began = conn.execute("SELECT statement_timestamp()").fetchone()
+    assert began is not None
+    cursor: tuple[datetime, Any] | None = None
+    while max_batches is None or report.batches < max_batches:
+        entries = conn.execute(
+            query("peek_enrichment_queue"),
+            {
+                "until": began[0],
+                "after": cursor[0] if cursor else None,
+                "after_id": cursor[1] if cursor else None,
+                "limit": batch_size,
+            },
+        ).fetchall()
+        if not entries:
+            return
+        cursor = (entries[-1][2], entries[-1][0])
+        ids = [e[0] for e in entries]
+        with conn.transaction():
+            _enrich_batch(conn, parts, ids, report, excerpt_chars)
+            versions = [e[1] for e in entries]
+            conn.execute(query("dequeue_enriched"), {"ids": ids, "versions": versions})
+        say(
+            f"batch {report.batches}: {len(ids):,} queued conversations, "
+            f"{report.written:,} written and {report.removed:,} removed so far"
+        )
+
+
+def _rebuild_window(
+    conn: psycopg.Connection,
+    parts: dict[str, sql.Composable],
+    report: EnrichReport,
+    window: Window,
+    batch_size: int,
+    excerpt_chars: int,
+    say: Callable[[str], None],
+) -> None:
+    ids = [
+        row[0]
+        for row in conn.execute(
+            query("window_conversation_ids"),
+            {"window_start": window[0], "window_end": window[1]},
+        )
+    ]
+    say(f"{len(ids):,} conversations filed under {window[0]:%Y-%m-%d}..{window[1]:%Y-%m-%d}")
+    for start in range(0, len(ids), batch_size):
+        with conn.transaction():
+            _enrich_batch(conn, parts, ids[start : start + batch_size], report, excerpt_chars)
+
+
+@dataclass
+class ReplaceReport:
+    rows: int
+    seconds: float
+
+
+def _replace(
+    pool: ConnectionPool, delete: str, insert: str, params: dict[str, Any]
+) -> ReplaceReport:
+    """Delete then insert the window's rows in one transaction: readers see the old
+    rows until the commit, then the new ones."""
+    started = time.perf_counter()
+    with pool.connection() as conn, conn.transaction():
+        conn.execute(query(delete), params)
+        rows = conn.execute(query(insert), params).rowcount
+    return ReplaceReport(rows=rows, seconds=time.perf_counter() - started)
+
+
+def refresh_metrics(pool: ConnectionPool, window: Window) -> ReplaceReport:
+    """Replace the window's days of ``conversation_metrics`` from the enriched rows."""
+    return _replace(
+        pool,
+        "delete_metrics_days",
+        "insert_metrics_days",
+        {
+            "window_start": window[0],
+            "window_end": window[1],
+            "first_day": window[0].date(),
+            "end_day": window[1].date(),
+        },
+    )
+
+
+def refresh_performance(pool: ConnectionPool, window: Window) -> ReplaceReport:
+    """Replace the window's hours of ``performance_stats``."""
+    return _replace(
+        pool,
+        "delete_performance_hours",
+        "insert_performance_hours",
+        {"window_start": window[0], "window_end": window[1]},
+    )
+
+
+@dataclass
+class RecountReport:
+    mismatches: int
+    conversations: int
+    examples: list[dict[str, Any]]
+
+
+def metrics_vs_recount(conn: psycopg.Connection, window: Window) -> RecountReport:
+    row = conn.execute(
+        query("metrics_vs_recount"), {"window_start": window[0], "window_end": window[1]}
+    ).fetchone()
+    assert row is not None
+    return RecountReport(mismatches=row[0], conversations=row[1], examples=row[2])
+
+
+def record_pipeline_run(
+    pool: ConnectionPool,
+    *,
+    run_id: str,
+    asset: str,
+    partition_key: str | None,
+    duration_ms: float,
+    rows_scanned: int | None = None,
+    items: int | None = None,
+    batches: int | None = None,
+    model_ms: float | None = None,
+) -> None:
+    """What a materialization did, for ``performance_stats`` (one row per run and asset)."""
+    with pool.connection() as conn:
+        conn.execute(
+            query("record_pipeline_run"),
+            {
+                "run_id": run_id,
+                "asset": asset,
+                "partition_key": partition_key,
+                "duration_ms": duration_ms,
+                "rows_scanned": rows_scanned,
+                "items": items,
+                "batches": batches,
+                "model_ms": model_ms,
+            },
+        )

@@ -1,0 +1,11 @@
+DROP TABLE IF EXISTS performance_stats;
+DROP TABLE IF EXISTS pipeline_runs;
+DROP TABLE IF EXISTS conversation_metrics;
+DROP VIEW IF EXISTS recent_enriched_conversations;
+DROP TABLE IF EXISTS enriched_conversations;
+DROP TABLE IF EXISTS enrichment_source_state;
+DROP TRIGGER IF EXISTS conversations_queue_enrichment_on_insert ON conversations;
+DROP TRIGGER IF EXISTS conversations_queue_enrichment_on_update ON conversations;
+DROP TRIGGER IF EXISTS conversations_queue_enrichment_on_delete ON conversations;
+DROP FUNCTION IF EXISTS queue_enrichment();
+DROP TABLE IF EXISTS enrichment_queue;
