@@ -25,7 +25,7 @@ from resources.embeddings import EmbeddingResource
 from resources.postgres import PostgresResource
 from resources.summarizer import SummarizerResource
 from schedules import discovery_schedule, metrics_schedule, performance_stats_schedule
-from sensors import embedding_backlog_sensor, metrics_automation_sensor, new_histories_sensor
+from sensors import embedding_backlog_sensor, metrics_sensor, new_histories_sensor
 
 postgres = PostgresResource(
     database_url=dg.EnvVar("DATABASE_URL"),
@@ -69,6 +69,6 @@ defs = dg.Definitions(
     ],
     jobs=[discovery_job, embedding_job, metrics_job, performance_stats_job],
     schedules=[discovery_schedule, metrics_schedule, performance_stats_schedule],
-    sensors=[new_histories_sensor, embedding_backlog_sensor, metrics_automation_sensor],
+    sensors=[new_histories_sensor, embedding_backlog_sensor, metrics_sensor],
     resources={"postgres": postgres, "embeddings": embeddings, "summarizer": summarizer},
 )

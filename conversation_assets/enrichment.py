@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 from typing import Any, Literal
 
 import psycopg
@@ -26,8 +26,13 @@ from psycopg_pool import ConnectionPool
 
 from conversation_assets.queries import query, text
 
-PRODUCT_TABLES = ("user_insights", "linked_tickets")
+# The product's tables and the columns the refresh needs of each.
+PRODUCT_TABLES = {
+    "user_insights": ("client_code", "user_id"),
+    "linked_tickets": ("conversation_id", "client_code", "identifier", "title", "state", "url"),
+}
 EXCERPT_CHARS = 600  # the end of the transcript kept as the latest messages
+DIFF_WORK_MEM = "64MB"
 _LOCK = "conversation_pipeline.enrichment"
 
 Window = tuple[datetime, datetime]
@@ -44,21 +49,40 @@ class EnrichReport:
     batches: int = 0
     queue_left: int = 0
     missing_tables: list[str] = field(default_factory=list)
+    skipped_reason: str | None = None
     touched_days: set[date] = field(default_factory=set)
     seconds: float = 0.0
 
 
+class ProductTableError(ValueError):
+    """A product table the enrichment joins lacks a column it needs."""
+
+
 def product_tables(conn: psycopg.Connection) -> tuple[dict[str, sql.Composable], list[str]]:
-    """The product's tables to join, or empty relations of their shape (and which)."""
+    """The product's tables to join, or empty relations of their shape (and which
+    are missing). A table without a needed column is an error naming the columns."""
     parts: dict[str, sql.Composable] = {}
     missing: list[str] = []
-    for name in PRODUCT_TABLES:
-        row = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (name,)).fetchone()
-        if row and row[0]:
-            parts[name] = sql.Identifier(name)
-        else:
+    for name, needed in PRODUCT_TABLES.items():
+        columns = {
+            row[0]
+            for row in conn.execute(
+                "SELECT a.attname FROM pg_attribute AS a WHERE a.attrelid = to_regclass(%s) "
+                "AND a.attnum > 0 AND NOT a.attisdropped",
+                (name,),
+            )
+        }
+        if not columns:
             parts[name] = sql.SQL(text(f"empty_{name}"))  # type: ignore[arg-type]
             missing.append(name)
+            continue
+        lacking = [column for column in needed if column not in columns]
+        if lacking:
+            raise ProductTableError(
+                f"table {name} has no column {', '.join(lacking)}: enrichment needs "
+                f"{', '.join(needed)} (see README, 'The product's tables it joins')"
+            )
+        parts[name] = sql.Identifier(name)
     return parts, missing
 
 
@@ -94,9 +118,10 @@ def enrich(
     """Bring ``enriched_conversations`` up to date.
 
     incremental: every conversation queued before the run began, oldest first
-    (what is queued later waits for the next run, so a run always ends). full: every conversation
-    filed under ``window`` now or before, compared row by row (unchanged rows are
-    not rewritten). One refresh at a time: a second waits for the first.
+    (what is queued later waits for the next run, so a run always ends); skipped
+    when another refresh is under way (it takes the queue). full: every
+    conversation filed under ``window`` now or before, compared row by row
+    (unchanged rows are not rewritten); waits for a refresh under way.
     """
     if mode == "full" and window is None:
         raise ValueError("a full refresh needs the partition window")
@@ -105,10 +130,29 @@ def enrich(
     report = EnrichReport(mode=mode)
     with pool.connection() as conn:
         conn.autocommit = True
-        conn.execute("SELECT pg_advisory_lock(hashtext(%s))", (_LOCK,))
+        if mode == "incremental":
+            row = conn.execute("SELECT pg_try_advisory_lock(hashtext(%s))", (_LOCK,)).fetchone()
+            if not (row and row[0]):
+                report.skipped_reason = "another enrichment refresh is under way"
+                report.seconds = time.perf_counter() - started
+                return report
+        else:
+            # A backfill waits however long the refresh under way takes.
+            conn.execute("SET statement_timeout = 0")
+            conn.execute("SELECT pg_advisory_lock(hashtext(%s))", (_LOCK,))
+            conn.execute("RESET statement_timeout")
         try:
             parts, report.missing_tables = product_tables(conn)
             with conn.transaction():
+                # Room for the hash tables of both product tables (a sort on disk
+                # otherwise), and row texts that do not depend on the session.
+                for name, value in (
+                    ("work_mem", DIFF_WORK_MEM),
+                    ("DateStyle", "ISO, YMD"),
+                    ("TimeZone", "UTC"),
+                    ("extra_float_digits", "1"),
+                ):
+                    conn.execute("SELECT set_config(%s, %s, true)", (name, value))
                 found = conn.execute(query("queue_changed_user_insights", **parts)).fetchone()
                 report.queued_for_insights = found[1] if found else 0
                 found = conn.execute(query("queue_changed_linked_tickets", **parts)).fetchone()
@@ -155,6 +199,7 @@ def _drain_queue(
         with conn.transaction():
             _enrich_batch(conn, parts, ids, report, excerpt_chars)
             versions = [e[1] for e in entries]
+            conn.execute(query("lock_enriched_entries"), {"ids": ids})
             conn.execute(query("dequeue_enriched"), {"ids": ids, "versions": versions})
         say(
             f"batch {report.batches}: {len(ids):,} queued conversations, "
@@ -190,13 +235,34 @@ class ReplaceReport:
     seconds: float
 
 
+def check_window(window: Window, unit: Literal["day", "hour"]) -> None:
+    """A window of whole UTC days or hours, start before end (else a refresh would
+    replace a period with part of its figures)."""
+    start, end = window
+    for edge in (start, end):
+        if edge.tzinfo is None or edge.utcoffset() != timedelta(0):
+            raise ValueError(f"window edges must be UTC datetimes, got {edge!r}")
+        if edge.minute or edge.second or edge.microsecond or (unit == "day" and edge.hour):
+            raise ValueError(f"window edges must fall on a UTC {unit} boundary, got {edge}")
+    if end <= start:
+        raise ValueError(f"window end {end} is not after its start {start}")
+
+
 def _replace(
-    pool: ConnectionPool, delete: str, insert: str, params: dict[str, Any]
+    pool: ConnectionPool,
+    kind: Literal["day", "hour"],
+    delete: str,
+    insert: str,
+    params: dict[str, Any],
 ) -> ReplaceReport:
-    """Delete then insert the window's rows in one transaction: readers see the old
-    rows until the commit, then the new ones."""
+    """Clear the stale marks, delete then insert the window's rows, in one
+    transaction: readers see the old rows until the commit, then the new ones. Two
+    refreshes of the same kind take turns (the second would not see the first's
+    rows to delete)."""
     started = time.perf_counter()
     with pool.connection() as conn, conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"{_LOCK}.{kind}",))
+        conn.execute(query("clear_dirty_periods"), {**params, "kind": kind})
         conn.execute(query(delete), params)
         rows = conn.execute(query(insert), params).rowcount
     return ReplaceReport(rows=rows, seconds=time.perf_counter() - started)
@@ -204,8 +270,10 @@ def _replace(
 
 def refresh_metrics(pool: ConnectionPool, window: Window) -> ReplaceReport:
     """Replace the window's days of ``conversation_metrics`` from the enriched rows."""
+    check_window(window, "day")
     return _replace(
         pool,
+        "day",
         "delete_metrics_days",
         "insert_metrics_days",
         {
@@ -219,8 +287,10 @@ def refresh_metrics(pool: ConnectionPool, window: Window) -> ReplaceReport:
 
 def refresh_performance(pool: ConnectionPool, window: Window) -> ReplaceReport:
     """Replace the window's hours of ``performance_stats``."""
+    check_window(window, "hour")
     return _replace(
         pool,
+        "hour",
         "delete_performance_hours",
         "insert_performance_hours",
         {"window_start": window[0], "window_end": window[1]},
@@ -269,3 +339,14 @@ def record_pipeline_run(
                 "model_ms": model_ms,
             },
         )
+
+
+def pending_dirty_periods(
+    conn: psycopg.Connection, before: datetime, limit: int = 500
+) -> list[tuple[str, datetime, int]]:
+    """Days and hours (starting before ``before``) whose metrics are stale, with the
+    version of their mark."""
+    return [
+        (row[0], row[1], row[2])
+        for row in conn.execute(query("pending_dirty_periods"), {"before": before, "limit": limit})
+    ]

@@ -38,8 +38,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "ENABLE_BACKGROUND_JOBS",
         "true",
-        "`false` leaves `discovery_schedule` and `new_histories_sensor` stopped by "
-        "default (start them in the UI when you want them).",
+        "`false` leaves every schedule and sensor stopped by default (start them in "
+        "the UI when you want them).",
+    ),
+    Setting(
+        "METRICS_SENSOR_INTERVAL_SECONDS",
+        "60",
+        "How often `metrics_sensor` looks for days and hours whose metrics went stale.",
     ),
     Setting(
         "DISCOVERY_SENSOR_INTERVAL_SECONDS",

@@ -301,8 +301,10 @@ def upsert_conversations_in_batches(
     second backend is what lets a bulk load use a second core). Records are routed
     by session, so every record of one session goes through the same connection in
     input order: the last one wins, as on one connection, and no two transactions
-    ever wait on the same row. Batches commit independently; if one fails, the
-    error is raised once the batches already sent have finished.
+    ever wait on the same row. Batches commit independently. If one fails, nothing
+    more is sent and, once the batches being written have finished,
+    `BulkUpsertError` is raised with the report of those that committed. The pool
+    must be able to lend `workers` connections at once.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -330,6 +332,15 @@ def _upsert_serial(
             pending = worker.submit(_prepare, following) if following is not None else None
             report.add(_write(conn, batch, source))
     return report
+
+
+class BulkUpsertError(RuntimeError):
+    """A batch of a parallel bulk load failed. `report` counts what the batches that
+    committed wrote; the cause is chained."""
+
+    def __init__(self, cause: BaseException, report: UpsertReport) -> None:
+        super().__init__(f"a batch of the bulk load failed: {cause}")
+        self.report = report
 
 
 def _route(record: ConversationRecord, workers: int) -> int:
@@ -379,9 +390,19 @@ def _upsert_parallel(
         for futures in in_flight:
             while futures:
                 report.add(futures.popleft().result())
+    except Exception as error:
+        # Nothing more is sent; batches not started are dropped, those writing finish.
+        for futures in in_flight:
+            for future in futures:
+                future.cancel()
+        for futures in in_flight:
+            for future in futures:
+                if not future.cancelled() and future.exception() is None:
+                    report.add(future.result())
+        raise BulkUpsertError(error, report) from error
     finally:
         for executor in executors:
-            executor.shutdown(wait=True)
+            executor.shutdown(wait=True, cancel_futures=True)
         connections.close()
     return report
 

@@ -8,11 +8,19 @@ import dagster as dg
 
 from conversation_assets import settings
 from conversation_assets.assets.discovery import partition_keys_for
-from conversation_assets.assets.enrichment import conversation_metrics
 from conversation_assets.discovery import probe_new_work
 from conversation_assets.embedding import backlog_size
-from jobs import INCREMENTAL_RUN_CONFIG, discovery_job, embedding_job
+from conversation_assets.enrichment import pending_dirty_periods
+from jobs import (
+    INCREMENTAL_RUN_CONFIG,
+    discovery_job,
+    embedding_job,
+    metrics_job,
+    performance_stats_job,
+)
 from resources.postgres import PostgresResource
+
+METRICS_REQUESTS_PER_TICK = 100  # the rest on the next tick
 
 
 def _default_status() -> dg.DefaultSensorStatus:
@@ -108,13 +116,44 @@ def build_embedding_backlog_sensor() -> dg.SensorDefinition:
 embedding_backlog_sensor = build_embedding_backlog_sensor()
 
 
-def build_metrics_automation_sensor() -> dg.AutomationConditionSensorDefinition:
-    return dg.AutomationConditionSensorDefinition(
-        "metrics_automation_sensor",
-        target=dg.AssetSelection.assets(conversation_metrics),
+def build_metrics_sensor() -> dg.SensorDefinition:
+    @dg.sensor(
+        name="metrics_sensor",
+        jobs=[metrics_job, performance_stats_job],
+        minimum_interval_seconds=settings.positive_int("METRICS_SENSOR_INTERVAL_SECONDS"),
         default_status=_default_status(),
-        description="Refreshes each day of conversation_metrics whose enriched rows changed.",
+        description="Refreshes each day of conversation_metrics and each past hour of "
+        "performance_stats whose enriched rows changed (marked in the same transaction).",
     )
+    def metrics_sensor(
+        context: dg.SensorEvaluationContext, postgres: PostgresResource
+    ) -> dg.SensorResult | dg.SkipReason:
+        now = datetime.now(UTC)
+        this_hour = now.replace(minute=0, second=0, microsecond=0)
+        first = datetime.fromisoformat(settings.partitions_start()).replace(tzinfo=UTC)
+        with postgres.connection() as conn:
+            stale = pending_dirty_periods(conn, before=now, limit=METRICS_REQUESTS_PER_TICK)
+        requests = []
+        for kind, start, version in stale:
+            start = start.astimezone(UTC)
+            if start < first or (kind == "hour" and start >= this_hour):
+                continue  # outside the partitions, or an hour not over yet
+            job, key = (
+                (metrics_job, start.date().isoformat())
+                if kind == "day"
+                else (performance_stats_job, start.strftime("%Y-%m-%d-%H:%M"))
+            )
+            # One run per mark: a period marked again gets a new version, so a new run.
+            requests.append(
+                dg.RunRequest(
+                    job_name=job.name, partition_key=key, run_key=f"{kind}:{key}:{version}"
+                )
+            )
+        if not requests:
+            return dg.SkipReason("no day or hour has stale metrics")
+        return dg.SensorResult(run_requests=requests)
+
+    return metrics_sensor
 
 
-metrics_automation_sensor = build_metrics_automation_sensor()
+metrics_sensor = build_metrics_sensor()

@@ -54,7 +54,7 @@ def test_definitions_load_with_the_expected_names():
     assert {sensor.name for sensor in defs.sensors or []} == {
         "new_histories_sensor",
         "embedding_backlog_sensor",
-        "metrics_automation_sensor",
+        "metrics_sensor",
     }
     assert set(defs.resources or {}) == {"postgres", "embeddings", "summarizer"}
 

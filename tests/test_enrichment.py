@@ -19,11 +19,17 @@ from conversation_assets.assets.enrichment import (
     enriched_matches_conversations,
     performance_stats,
 )
-from conversation_assets.enrichment import enrich, refresh_metrics, refresh_performance
+from conversation_assets.enrichment import (
+    ProductTableError,
+    enrich,
+    refresh_metrics,
+    refresh_performance,
+)
 from conversation_assets.store import conversation_id, upsert_conversations
 from jobs import INCREMENTAL_RUN_CONFIG
 from resources.summarizer import SummarizerResource
 from schedules import build_metrics_schedule, performance_stats_schedule
+from sensors import build_metrics_sensor
 from tests.sources import add_crew
 from tests.test_conversations import DAY, record, run_pipeline, say
 
@@ -473,23 +479,115 @@ def test_enrichment_and_metrics_assets_and_their_checks(conn, postgres):
     assert conn.execute("SELECT count(*) FROM enriched_conversations").fetchone() == (6,)
 
 
-def test_metrics_follow_updated_enriched_partitions(conn, postgres):
-    from conversation_assets.definitions import defs
+def test_metrics_sensor_refreshes_exactly_the_stale_days_and_hours(conn, postgres):
+    seed(conn)
+    # A run that stops after its first batch (a crash, or max_batches): the days and
+    # hours that batch changed are marked stale in the batch's own transaction.
+    report = enrich(postgres.pool, mode="incremental", batch_size=2, max_batches=1)
+    assert report.batches == 1
+    marked = conn.execute("SELECT kind, period_start FROM metrics_dirty_periods").fetchall()
+    assert {kind for kind, _ in marked} == {"day", "hour"}
 
-    instance = dg.DagsterInstance.ephemeral()
-    selection = dg.AssetSelection.assets(conversation_metrics)
-    first = dg.evaluate_automation_conditions(
-        defs=defs, instance=instance, asset_selection=selection
+    sensor = build_metrics_sensor()
+    with dg.build_sensor_context(resources={"postgres": postgres}) as context:
+        result = sensor(context)
+    requested = sorted((r.job_name, r.partition_key) for r in result.run_requests)
+    assert [key for job, key in requested if job == "metrics_job"] == sorted(
+        start.date().isoformat() for kind, start in marked if kind == "day"
     )
-    assert first.total_requested == 0
-    key = "2026-11-20"
-    instance.report_runless_asset_event(
-        dg.AssetMaterialization(asset_key="enriched_conversations", partition=key)
+    assert [key for job, key in requested if job == "performance_stats_job"] == sorted(
+        start.strftime("%Y-%m-%d-%H:%M") for kind, start in marked if kind == "hour"
     )
-    second = dg.evaluate_automation_conditions(
-        defs=defs, instance=instance, asset_selection=selection, cursor=first.cursor
+    assert len({r.run_key for r in result.run_requests}) == len(result.run_requests)
+
+    incremental(postgres)  # the rest of the queue
+    refresh_metrics(postgres.pool, EVERY_DAY)
+    refresh_performance(postgres.pool, (DAY - timedelta(hours=9), DAY + timedelta(days=2)))
+    assert conn.execute("SELECT count(*) FROM metrics_dirty_periods").fetchone() == (0,)
+    with dg.build_sensor_context(resources={"postgres": postgres}) as context:
+        assert isinstance(sensor(context), dg.SkipReason)
+
+
+def test_refreshes_take_turns(conn, postgres):
+    seed(conn)
+    incremental(postgres)
+    errors = []
+
+    def refresh() -> None:
+        try:
+            refresh_metrics(postgres.pool, EVERY_DAY)
+        except Exception as error:  # noqa: BLE001 - collected for the assertion
+            errors.append(error)
+
+    threads = [threading.Thread(target=refresh) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert errors == []
+    assert conn.execute("SELECT sum(conversations) FROM conversation_metrics").fetchone() == (6,)
+
+    # An incremental refresh while another holds the lock steps aside; a full one waits.
+    upsert_conversations(conn, [record("late", created_at=DAY)])
+    with psycopg.connect(postgres.database_url, autocommit=True) as holder:
+        holder.execute("SELECT pg_advisory_lock(hashtext('conversation_pipeline.enrichment'))")
+        skipped = incremental(postgres)
+        assert skipped.skipped_reason and skipped.conversations == 0
+        waiting = threading.Thread(
+            target=enrich, args=(postgres.pool,), kwargs={"mode": "full", "window": EVERY_DAY}
+        )
+        waiting.start()
+        time.sleep(0.5)
+        assert waiting.is_alive()
+        holder.execute("SELECT pg_advisory_unlock(hashtext('conversation_pipeline.enrichment'))")
+        waiting.join(timeout=30)
+    assert conn.execute(
+        "SELECT count(*) FROM enriched_conversations WHERE session_id = 'late'"
+    ).fetchone() == (1,)
+
+
+def test_product_tables_of_other_shapes_and_tenants(conn, postgres):
+    # An integer user id, a text conversation id, no keys, and a row of another tenant.
+    conn.execute("CREATE TABLE user_insights (client_code text, user_id integer, plan text)")
+    conn.execute(
+        "CREATE TABLE linked_tickets (conversation_id text, client_code text, identifier text, "
+        "title text, state text, url text)"
     )
-    assert second.get_requested_partitions(conversation_metrics.key) == {key}
+    upsert_conversations(conn, [record("a", user_id="7"), record("b", user_id="8")])
+    a, b = conversation_id("crew", "a"), conversation_id("crew", "b")
+    conn.execute("INSERT INTO user_insights VALUES ('acme', 7, 'pro'), ('other', 8, 'spy')")
+    conn.execute(
+        "INSERT INTO linked_tickets VALUES (%s, 'acme', 'A-1', 't', 'Todo', 'u'), "
+        "(%s, 'zzz-other', 'X-9', 't', 'Todo', 'u'), (%s, 'acme', 'A-2', 't', 'Done', 'u'), "
+        "('not-a-uuid', 'acme', 'A-3', 't', 'Todo', 'u')",
+        (str(a).upper(), str(a), str(b)),
+    )
+    report = incremental(postgres)
+    assert report.written == 2
+    got = dict(
+        (r[0], r[1:])
+        for r in conn.execute(
+            "SELECT session_id, user_insights, ticket_identifier FROM enriched_conversations"
+        )
+    )
+    assert got == {"a": ({"plan": "pro"}, "A-1"), "b": (None, "A-2")}
+
+    conn.execute("ALTER TABLE linked_tickets DROP COLUMN url")
+    with pytest.raises(ProductTableError, match="linked_tickets has no column url"):
+        incremental(postgres)
+
+
+@pytest.mark.parametrize(
+    ("window", "message"),
+    [
+        ((datetime(2026, 11, 20), datetime(2026, 11, 21)), "UTC datetimes"),
+        ((DAY, DAY + timedelta(days=1)), "boundary"),
+        ((EVERY_DAY[1], EVERY_DAY[0]), "not after"),
+    ],
+)
+def test_metrics_windows_are_whole_utc_periods(postgres, window, message):
+    with pytest.raises(ValueError, match=message):
+        refresh_metrics(postgres.pool, window)
 
 
 def test_metrics_and_performance_schedules(monkeypatch):

@@ -22,12 +22,6 @@ from resources.postgres import PostgresResource
 
 warnings.filterwarnings("ignore", message="Parameter `backfill_policy`", category=dg.BetaWarning)
 
-# Follow every updated parent partition, not only the latest day: an incremental
-# run announces each older day it changed.
-FOLLOW_PARENTS = dg.AutomationCondition.eager().without(
-    dg.AutomationCondition.in_latest_time_window()
-)
-
 
 class EnrichmentConfig(dg.Config):
     mode: Literal["incremental", "full"] = Field(
@@ -75,6 +69,8 @@ def enriched_conversations(
         excerpt_chars=config.excerpt_chars,
         progress=context.log.info,
     )
+    if report.skipped_reason:
+        context.log.info(f"skipped: {report.skipped_reason}")
     for name in report.missing_tables:
         context.log.warning(
             f"table {name} does not exist: its columns stay empty until the product creates it"
@@ -100,6 +96,7 @@ def enriched_conversations(
             "batches": report.batches,
             "queue_left": report.queue_left,
             "missing_tables": dg.MetadataValue.json(report.missing_tables),
+            "skipped": report.skipped_reason or "",
             "touched_partitions": dg.MetadataValue.json(partition_keys_for(report.touched_days)),
             "duration_ms": round(report.seconds * 1000, 1),
         }
@@ -129,7 +126,6 @@ def enriched_matches_conversations(postgres: PostgresResource) -> dg.AssetCheckR
 @dg.asset(
     partitions_def=daily_partitions,
     deps=[enriched_conversations],
-    automation_condition=FOLLOW_PARENTS,
     backfill_policy=dg.BackfillPolicy.single_run(),
     pool="conversation_db",
     kinds={"postgres"},

@@ -1,6 +1,7 @@
 DROP TABLE IF EXISTS performance_stats;
 DROP TABLE IF EXISTS pipeline_runs;
 DROP TABLE IF EXISTS conversation_metrics;
+DROP TABLE IF EXISTS metrics_dirty_periods;
 DROP VIEW IF EXISTS recent_enriched_conversations;
 DROP TABLE IF EXISTS enriched_conversations;
 DROP TABLE IF EXISTS enrichment_source_state;

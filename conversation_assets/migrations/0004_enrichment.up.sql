@@ -15,15 +15,16 @@ CREATE TABLE enrichment_queue (
     version         bigint NOT NULL DEFAULT 1,
     queued_at       timestamptz NOT NULL DEFAULT now()  -- first queued: oldest first
 ) WITH (fillfactor = 70);
--- Serves: the refresh taking the oldest entries first.
-CREATE INDEX enrichment_queue_queued_at_idx ON enrichment_queue (queued_at);
+-- Serves: the refresh taking the oldest entries first, batch after batch (keyset).
+CREATE INDEX enrichment_queue_queued_at_idx ON enrichment_queue (queued_at, conversation_id);
 
 CREATE FUNCTION queue_enrichment() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
     -- One set-based insert per statement (transition table), not one per row.
+    -- In id order, as every writer of the queue locks its rows: no deadlocks.
     INSERT INTO enrichment_queue AS q (conversation_id)
-    SELECT DISTINCT w.id FROM written_rows AS w
+    SELECT DISTINCT w.id FROM written_rows AS w ORDER BY w.id
     ON CONFLICT (conversation_id) DO UPDATE SET version = q.version + 1;
     RETURN NULL;
 END;
@@ -46,7 +47,7 @@ CREATE TABLE enrichment_source_state (
     source      text NOT NULL CHECK (source IN ('user_insights', 'linked_tickets')),
     client_code text NOT NULL,
     source_key  text NOT NULL,  -- user_id, or the ticket's conversation_id
-    row_hash    uuid NOT NULL,
+    row_hash    numeric NOT NULL,  -- sum of hashtextextended(row::text) over the key's rows
     PRIMARY KEY (source, client_code, source_key)
 );
 
@@ -80,7 +81,7 @@ CREATE TABLE enriched_conversations (
     ticket_url        text,
     created_at        timestamptz NOT NULL,  -- the conversation's: partitions are its UTC day
     enriched_at       timestamptz NOT NULL DEFAULT now()
-);
+) WITH (fillfactor = 85);  -- room on each page: a refresh rewrites rows in place (HOT)
 -- Serves: a client's enriched conversations, newest first (the hot path).
 CREATE INDEX enriched_conversations_client_created_idx
     ON enriched_conversations (client_code, created_at DESC);
@@ -90,6 +91,17 @@ CREATE INDEX enriched_conversations_created_at_idx ON enriched_conversations (cr
 -- The hot path: the last 90 days only (seed 004's strategy 2), always current.
 CREATE VIEW recent_enriched_conversations AS
 SELECT * FROM enriched_conversations WHERE created_at >= now() - interval '90 days';
+
+-- Days and hours whose metrics are stale: marked in the transaction that changed
+-- their enriched rows, cleared in the one that replaces their metrics (so a crash
+-- between the two loses nothing). metrics_sensor launches the refreshes.
+CREATE TABLE metrics_dirty_periods (
+    kind         text NOT NULL CHECK (kind IN ('day', 'hour')),
+    period_start timestamptz NOT NULL,  -- UTC midnight, or the hour
+    version      bigint NOT NULL DEFAULT 1,
+    marked_at    timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (kind, period_start)
+);
 
 -- Daily metrics per client, channel and status (seed 001's conversation_metrics,
 -- as a table whose partitions are replaced, never a view refreshed whole).

@@ -13,12 +13,13 @@
 -- Users whose insights row changed (or appeared, or went) since the last refresh:
 -- their hashes are saved and their conversations queued, in this one statement.
 WITH current_rows AS (
-    SELECT DISTINCT ON (u.client_code, u.user_id::text)
-           u.client_code::text AS client_code, u.user_id::text AS source_key,
-           md5(to_jsonb(u)::text)::uuid AS row_hash
+    -- A hash of the row's text (of all its rows, should the table lack a key):
+    -- record output is several times cheaper than to_jsonb, and no sort is needed.
+    SELECT u.client_code::text AS client_code, u.user_id::text AS source_key,
+           sum(hashtextextended(u::text, 0)) AS row_hash
     FROM {user_insights} AS u
     WHERE u.client_code IS NOT NULL AND u.user_id IS NOT NULL
-    ORDER BY u.client_code, u.user_id::text, md5(to_jsonb(u)::text)
+    GROUP BY 1, 2
 ),
 known AS (
     SELECT s.client_code, s.source_key, s.row_hash
@@ -50,6 +51,7 @@ queued AS (
     FROM changed AS d
     JOIN conversations AS c ON c.client_code = d.client_code AND c.user_id = d.source_key
     WHERE c.deleted_at IS NULL
+    ORDER BY c.id
     ON CONFLICT (conversation_id) DO UPDATE SET version = q.version + 1
     RETURNING 1
 )
@@ -58,12 +60,13 @@ SELECT (SELECT count(*) FROM changed), (SELECT count(*) FROM queued);
 -- name: queue_changed_linked_tickets
 -- Tickets that changed (or appeared, or went): hashes saved, conversations queued.
 WITH current_rows AS (
-    SELECT DISTINCT ON (t.client_code, t.conversation_id)
-           t.client_code::text AS client_code, t.conversation_id::text AS source_key,
-           md5(to_jsonb(t)::text)::uuid AS row_hash
+    -- Ids that are not uuids cannot name a conversation: left out, not an error.
+    SELECT t.client_code::text AS client_code, lower(t.conversation_id::text) AS source_key,
+           sum(hashtextextended(t::text, 0)) AS row_hash
     FROM {linked_tickets} AS t
-    WHERE t.client_code IS NOT NULL AND t.conversation_id IS NOT NULL
-    ORDER BY t.client_code, t.conversation_id, md5(to_jsonb(t)::text)
+    WHERE t.client_code IS NOT NULL
+      AND t.conversation_id::text ~* '^[0-9a-f]{{8}}-?[0-9a-f]{{4}}-?[0-9a-f]{{4}}-?[0-9a-f]{{4}}-?[0-9a-f]{{12}}$'
+    GROUP BY 1, 2
 ),
 known AS (
     SELECT s.client_code, s.source_key, s.row_hash
@@ -95,6 +98,7 @@ queued AS (
     FROM changed AS d
     JOIN conversations AS c ON c.id = d.source_key::uuid AND c.client_code = d.client_code
     WHERE c.deleted_at IS NULL
+    ORDER BY c.id
     ON CONFLICT (conversation_id) DO UPDATE SET version = q.version + 1
     RETURNING 1
 )
@@ -111,6 +115,14 @@ WHERE q.queued_at <= %(until)s
        OR (q.queued_at, q.conversation_id) > (%(after)s::timestamptz, %(after_id)s::uuid))
 ORDER BY q.queued_at, q.conversation_id
 LIMIT %(limit)s;
+
+-- name: lock_enriched_entries
+-- The batch's queue entries, locked in id order (as every writer of the queue
+-- does) before they are deleted: no deadlock with a concurrent writer.
+SELECT 1 FROM enrichment_queue
+WHERE conversation_id = ANY(%(ids)s::uuid[])
+ORDER BY conversation_id
+FOR UPDATE;
 
 -- name: dequeue_enriched
 DELETE FROM enrichment_queue AS q
@@ -144,15 +156,18 @@ insights AS (
            to_jsonb(u) - 'client_code' - 'user_id' AS insights
     FROM {user_insights} AS u
     WHERE (u.client_code::text, u.user_id::text) IN (SELECT client_code, user_id FROM live)
-    ORDER BY u.client_code, u.user_id::text, md5(to_jsonb(u)::text)
+    ORDER BY u.client_code, u.user_id::text, u::text
 ),
 tickets AS (
-    SELECT DISTINCT ON (t.conversation_id)
-           t.conversation_id, t.client_code::text AS client_code, t.identifier::text AS identifier,
-           t.title::text AS title, t.state::text AS state, t.url::text AS url
+    -- Compared as text: a product may keep the id in a text column.
+    SELECT DISTINCT ON (lower(t.conversation_id::text), t.client_code::text)
+           lower(t.conversation_id::text) AS conversation_key, t.client_code::text AS client_code,
+           t.identifier::text AS identifier, t.title::text AS title, t.state::text AS state,
+           t.url::text AS url
     FROM {linked_tickets} AS t
-    WHERE t.conversation_id IN (SELECT id FROM live)
-    ORDER BY t.conversation_id, md5(to_jsonb(t)::text)
+    WHERE (lower(t.conversation_id::text), t.client_code::text)
+          IN (SELECT id::text, client_code FROM live)
+    ORDER BY lower(t.conversation_id::text), t.client_code::text, t::text
 ),
 fresh AS (
     SELECT l.id, l.client_code, l.crew_code, l.session_id, l.user_id, l.channel, l.status,
@@ -168,7 +183,7 @@ fresh AS (
            l.created_at
     FROM live AS l
     LEFT JOIN insights AS i ON i.client_code = l.client_code AND i.user_id = l.user_id
-    LEFT JOIN tickets AS t ON t.conversation_id = l.id AND t.client_code = l.client_code
+    LEFT JOIN tickets AS t ON t.conversation_key = l.id::text AND t.client_code = l.client_code
 ),
 before AS (
     SELECT e.id, e.created_at FROM enriched_conversations AS e JOIN chosen AS k USING (id)
@@ -214,16 +229,42 @@ written AS (
            EXCLUDED.ticket_identifier, EXCLUDED.ticket_title, EXCLUDED.ticket_state,
            EXCLUDED.ticket_url, EXCLUDED.created_at)
     RETURNING e.id, e.created_at
+),
+touched AS (
+    SELECT w.created_at FROM written AS w
+    UNION ALL SELECT r.created_at FROM removed AS r
+    UNION ALL SELECT b.created_at FROM before AS b WHERE b.id IN (SELECT id FROM written)
+),
+-- The days and hours whose metrics this changes, marked stale in this transaction.
+marked AS (
+    INSERT INTO metrics_dirty_periods AS m (kind, period_start)
+    SELECT p.kind, p.period_start
+    FROM (SELECT DISTINCT 'day' AS kind, date_trunc('day', t.created_at, 'UTC') AS period_start
+          FROM touched AS t
+          UNION
+          SELECT DISTINCT 'hour', date_trunc('hour', t.created_at, 'UTC') FROM touched AS t) AS p
+    ORDER BY 1, 2
+    ON CONFLICT (kind, period_start)
+    DO UPDATE SET version = m.version + 1, marked_at = now()
 )
 SELECT (SELECT count(*) FROM written) AS written,
        (SELECT count(*) FROM removed) AS removed,
        (SELECT count(*) FROM live) AS live,
-       ARRAY(SELECT DISTINCT (d.created_at AT TIME ZONE 'UTC')::date
-             FROM (SELECT w.id, w.created_at FROM written AS w
-                   UNION ALL SELECT r.id, r.created_at FROM removed AS r
-                   UNION ALL SELECT b.id, b.created_at FROM before AS b
-                   WHERE b.id IN (SELECT id FROM written)) AS d
+       ARRAY(SELECT DISTINCT (t.created_at AT TIME ZONE 'UTC')::date FROM touched AS t
              ORDER BY 1) AS days;
+
+-- name: clear_dirty_periods
+-- First in a metrics refresh's transaction: a batch committing later marks the
+-- period again (it waits for this lock, then inserts anew).
+DELETE FROM metrics_dirty_periods
+WHERE kind = %(kind)s AND period_start >= %(window_start)s AND period_start < %(window_end)s;
+
+-- name: pending_dirty_periods
+SELECT kind, period_start, version
+FROM metrics_dirty_periods
+WHERE period_start < %(before)s
+ORDER BY kind, period_start
+LIMIT %(limit)s;
 
 -- name: delete_metrics_days
 DELETE FROM conversation_metrics
@@ -319,11 +360,10 @@ WITH hours AS (
                            interval '1 hour') AS hour
 ),
 started AS (
-    SELECT date_trunc('hour', c.created_at, 'UTC') AS hour, c.client_code,
-           count(*) AS conversations, sum(c.message_count) AS messages
-    FROM conversations AS c
-    WHERE c.deleted_at IS NULL
-      AND c.created_at >= %(window_start)s AND c.created_at < %(window_end)s
+    SELECT date_trunc('hour', e.created_at, 'UTC') AS hour, e.client_code,
+           count(*) AS conversations, sum(e.message_count) AS messages
+    FROM enriched_conversations AS e
+    WHERE e.created_at >= %(window_start)s AND e.created_at < %(window_end)s
     GROUP BY 1, 2
 ),
 runs AS (
