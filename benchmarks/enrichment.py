@@ -102,7 +102,8 @@ def load(conn: psycopg.Connection, n: int, messages_per: int) -> None:
         "session_id index",
         lambda: conn.execute("CREATE INDEX ON bench_histories (session_id)"),
     )
-    # Conversations: a tenth on DAY0 (the metrics day), the rest over a year.
+    # Conversations: a tenth on DAY0 (the metrics day, every client alike), the rest
+    # over a year.
     step(
         "conversations",
         lambda: conn.execute(
@@ -117,7 +118,7 @@ def load(conn: psycopg.Connection, n: int, messages_per: int) -> None:
             "jsonb_build_object('language', 'en'), "
             "CASE WHEN s %% 9 = 0 THEN 'handoff_complete' ELSE 'active' END, %(per)s, "
             "((s %% 200) - 100) / 100.0, 'en', t.at, t.at + interval '12 minutes' "
-            "FROM generate_series(1, %(n)s) AS s, LATERAL (SELECT CASE WHEN s %% 10 = 0 "
+            "FROM generate_series(1, %(n)s) AS s, LATERAL (SELECT CASE WHEN (s / 20) %% 10 = 0 "
             "  THEN %(day0)s + (s %% 86400) * interval '1 second' "
             "  ELSE %(day0)s + interval '1 day' + (s %% 364) * interval '1 day' "
             "       + (s %% 86400) * interval '1 second' END AS at) AS t",
@@ -284,6 +285,25 @@ def main() -> None:
                 f">= {BARS['ratio']:.0f}x: {'met' if met else 'NOT met'}]"
             )
 
+            # 1% of the users' insights change: every conversation of theirs is redone.
+            users = conn.execute(
+                "UPDATE user_insights SET app_sessions = app_sessions + 1 "
+                "WHERE user_id IN (SELECT 'u' || u FROM generate_series(1, %(users)s - 1, 100) "
+                "AS u)",
+                {"users": USERS},
+            ).rowcount
+            conn.execute("SELECT pg_stat_force_next_flush()")
+            conn.execute("SELECT 1")
+            insights = {}
+            measured(
+                url,
+                f"incremental refresh after {users:,} users' insights changed (1%)",
+                lambda fresh: insights.update(
+                    report=enrich(fresh, mode="incremental", batch_size=20_000)
+                ),
+            )
+            print(f"  conversations re-enriched for them: {insights['report'].written:,}")
+
             # One day of metrics: DAY0 holds a tenth of the conversations.
             day0 = conn.execute(
                 "SELECT count(*) FROM enriched_conversations WHERE created_at >= %s "
@@ -307,7 +327,8 @@ def main() -> None:
             )
 
             refresh_metrics(pool, (DAY0, DAY0 + timedelta(days=366)))
-            conn.execute("VACUUM ANALYZE conversation_metrics")
+            # Reads in a steady state: what autovacuum keeps up with between changes.
+            conn.execute("VACUUM ANALYZE conversation_metrics, conversations")
             first_day, last_day = DAY0.date(), DAY0.date() + timedelta(days=89)
             now = DAY0 + timedelta(hours=20)
             reads: dict[str, Callable[[int], object]] = {

@@ -621,3 +621,6 @@ def test_metrics_and_performance_schedules(monkeypatch):
 
     monkeypatch.setenv("ENABLE_BACKGROUND_JOBS", "false")
     assert build_metrics_schedule().default_status == dg.DefaultScheduleStatus.STOPPED
+    assert build_metrics_sensor().default_status == dg.DefaultSensorStatus.STOPPED
+    monkeypatch.setenv("ENABLE_BACKGROUND_JOBS", "true")
+    assert build_metrics_sensor().default_status == dg.DefaultSensorStatus.RUNNING
