@@ -186,7 +186,12 @@ def _queue_changed_rows(
     fingerprint, seen = (row[0], row[1]) if row else (None, None)
     if not force and fingerprint is not None and fingerprint == seen:
         return 0
-    found = conn.execute(query(f"queue_changed_{source}", **parts)).fetchone()
+    statement = query(
+        "queue_changed_product_rows",
+        rows=query(f"{source}_rows", **parts),
+        conversations_of=query(f"{source}_conversations"),
+    )
+    found = conn.execute(statement, {"source": source}).fetchone()
     conn.execute(
         query("save_product_table_fingerprint"), {"source": source, "fingerprint": fingerprint}
     )

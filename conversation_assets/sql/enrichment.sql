@@ -28,69 +28,41 @@ INSERT INTO enrichment_source_fingerprints AS f (source, fingerprint)
 VALUES (%(source)s, %(fingerprint)s)
 ON CONFLICT (source) DO UPDATE SET fingerprint = EXCLUDED.fingerprint;
 
--- name: queue_changed_user_insights
--- Users whose insights row changed (or appeared, or went) since the last refresh:
--- their hashes are saved and their conversations queued, in this one statement.
-WITH current_rows AS (
-    -- A hash of the row's text (of all its rows, should the table lack a key):
-    -- record output is several times cheaper than to_jsonb, and no sort is needed.
-    SELECT u.client_code::text AS client_code, u.user_id::text AS source_key,
-           sum(hashtextextended(u::text, 0)) AS row_hash
-    FROM {user_insights} AS u
-    WHERE u.client_code IS NOT NULL AND u.user_id IS NOT NULL
-    GROUP BY 1, 2
-),
-known AS (
-    SELECT s.client_code, s.source_key, s.row_hash
-    FROM enrichment_source_state AS s
-    WHERE s.source = 'user_insights'
-),
-changed AS (
-    SELECT coalesce(c.client_code, k.client_code) AS client_code,
-           coalesce(c.source_key, k.source_key) AS source_key, c.row_hash
-    FROM current_rows AS c
-    FULL JOIN known AS k ON k.client_code = c.client_code AND k.source_key = c.source_key
-    WHERE c.row_hash IS DISTINCT FROM k.row_hash
-),
-saved AS (
-    INSERT INTO enrichment_source_state AS s (source, client_code, source_key, row_hash)
-    SELECT 'user_insights', d.client_code, d.source_key, d.row_hash
-    FROM changed AS d WHERE d.row_hash IS NOT NULL
-    ON CONFLICT (source, client_code, source_key) DO UPDATE SET row_hash = EXCLUDED.row_hash
-),
-forgotten AS (
-    DELETE FROM enrichment_source_state AS s
-    USING changed AS d
-    WHERE d.row_hash IS NULL AND s.source = 'user_insights'
-      AND s.client_code = d.client_code AND s.source_key = d.source_key
-),
-queued AS (
-    INSERT INTO enrichment_queue AS q (conversation_id)
-    SELECT c.id
-    FROM changed AS d
-    JOIN conversations AS c ON c.client_code = d.client_code AND c.user_id = d.source_key
-    WHERE c.deleted_at IS NULL
-    ORDER BY c.id
-    ON CONFLICT (conversation_id) DO UPDATE SET version = q.version + 1
-    RETURNING 1
-)
-SELECT (SELECT count(*) FROM changed), (SELECT count(*) FROM queued);
+-- name: user_insights_rows
+-- A hash of the row's text (of all its rows, should the table lack a key): record
+-- output is several times cheaper than to_jsonb, and no sort is needed.
+SELECT u.client_code::text AS client_code, u.user_id::text AS source_key,
+       sum(hashtextextended(u::text, 0)) AS row_hash
+FROM {user_insights} AS u
+WHERE u.client_code IS NOT NULL AND u.user_id IS NOT NULL
+GROUP BY 1, 2
 
--- name: queue_changed_linked_tickets
--- Tickets that changed (or appeared, or went): hashes saved, conversations queued.
+-- name: linked_tickets_rows
+-- Ids that are not uuids cannot name a conversation: left out, not an error.
+SELECT t.client_code::text AS client_code, lower(t.conversation_id::text) AS source_key,
+       sum(hashtextextended(t::text, 0)) AS row_hash
+FROM {linked_tickets} AS t
+WHERE t.client_code IS NOT NULL
+  AND t.conversation_id::text ~* '^[0-9a-f]{{8}}-?[0-9a-f]{{4}}-?[0-9a-f]{{4}}-?[0-9a-f]{{4}}-?[0-9a-f]{{12}}$'
+GROUP BY 1, 2
+
+-- name: user_insights_conversations
+c.client_code = d.client_code AND c.user_id = d.source_key
+
+-- name: linked_tickets_conversations
+c.id = d.source_key::uuid AND c.client_code = d.client_code
+
+-- name: queue_changed_product_rows
+-- Rows of a product table (the rows placeholder: key and hash) that changed,
+-- appeared or went since the last refresh: their hashes are saved and the
+-- conversations they join queued, in this one statement.
 WITH current_rows AS (
-    -- Ids that are not uuids cannot name a conversation: left out, not an error.
-    SELECT t.client_code::text AS client_code, lower(t.conversation_id::text) AS source_key,
-           sum(hashtextextended(t::text, 0)) AS row_hash
-    FROM {linked_tickets} AS t
-    WHERE t.client_code IS NOT NULL
-      AND t.conversation_id::text ~* '^[0-9a-f]{{8}}-?[0-9a-f]{{4}}-?[0-9a-f]{{4}}-?[0-9a-f]{{4}}-?[0-9a-f]{{12}}$'
-    GROUP BY 1, 2
+    {rows}
 ),
 known AS (
     SELECT s.client_code, s.source_key, s.row_hash
     FROM enrichment_source_state AS s
-    WHERE s.source = 'linked_tickets'
+    WHERE s.source = %(source)s
 ),
 changed AS (
     SELECT coalesce(c.client_code, k.client_code) AS client_code,
@@ -101,21 +73,21 @@ changed AS (
 ),
 saved AS (
     INSERT INTO enrichment_source_state AS s (source, client_code, source_key, row_hash)
-    SELECT 'linked_tickets', d.client_code, d.source_key, d.row_hash
+    SELECT %(source)s, d.client_code, d.source_key, d.row_hash
     FROM changed AS d WHERE d.row_hash IS NOT NULL
     ON CONFLICT (source, client_code, source_key) DO UPDATE SET row_hash = EXCLUDED.row_hash
 ),
 forgotten AS (
     DELETE FROM enrichment_source_state AS s
     USING changed AS d
-    WHERE d.row_hash IS NULL AND s.source = 'linked_tickets'
+    WHERE d.row_hash IS NULL AND s.source = %(source)s
       AND s.client_code = d.client_code AND s.source_key = d.source_key
 ),
 queued AS (
     INSERT INTO enrichment_queue AS q (conversation_id)
     SELECT c.id
     FROM changed AS d
-    JOIN conversations AS c ON c.id = d.source_key::uuid AND c.client_code = d.client_code
+    JOIN conversations AS c ON {conversations_of}
     WHERE c.deleted_at IS NULL
     ORDER BY c.id
     ON CONFLICT (conversation_id) DO UPDATE SET version = q.version + 1
