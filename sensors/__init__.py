@@ -20,7 +20,7 @@ from jobs import (
 )
 from resources.postgres import PostgresResource
 
-METRICS_REQUESTS_PER_TICK = 100  # the rest on the next tick
+METRICS_PERIODS_PER_TICK = 2000  # stale days and hours read per tick (the rest next tick)
 
 
 def _default_status() -> dg.DefaultSensorStatus:
@@ -122,8 +122,9 @@ def build_metrics_sensor() -> dg.SensorDefinition:
         jobs=[metrics_job, performance_stats_job],
         minimum_interval_seconds=settings.positive_int("METRICS_SENSOR_INTERVAL_SECONDS"),
         default_status=_default_status(),
-        description="Refreshes each day of conversation_metrics and each past hour of "
-        "performance_stats whose enriched rows changed (marked in the same transaction).",
+        description="Refreshes the days of conversation_metrics and the past hours of "
+        "performance_stats whose enriched rows changed (marked in the same transaction): "
+        "one run over their span for each.",
     )
     def metrics_sensor(
         context: dg.SensorEvaluationContext, postgres: PostgresResource
@@ -132,21 +133,36 @@ def build_metrics_sensor() -> dg.SensorDefinition:
         this_hour = now.replace(minute=0, second=0, microsecond=0)
         first = datetime.fromisoformat(settings.partitions_start()).replace(tzinfo=UTC)
         with postgres.connection() as conn:
-            stale = pending_dirty_periods(conn, before=now, limit=METRICS_REQUESTS_PER_TICK)
-        requests = []
+            stale = pending_dirty_periods(conn, before=now, limit=METRICS_PERIODS_PER_TICK)
+        marks: dict[str, list[tuple[datetime, int]]] = {"day": [], "hour": []}
         for kind, start, version in stale:
             start = start.astimezone(UTC)
-            if start < first or (kind == "hour" and start >= this_hour):
-                continue  # outside the partitions, or an hour not over yet
-            job, key = (
-                (metrics_job, start.date().isoformat())
-                if kind == "day"
-                else (performance_stats_job, start.strftime("%Y-%m-%d-%H:%M"))
-            )
-            # One run per mark: a period marked again gets a new version, so a new run.
+            if start >= first and not (kind == "hour" and start >= this_hour):
+                marks[kind].append((start, version))  # else outside the partitions, or not over
+        requests = []
+        for kind, job, key_format in (
+            ("day", metrics_job, "%Y-%m-%d"),
+            ("hour", performance_stats_job, "%Y-%m-%d-%H:%M"),
+        ):
+            if not marks[kind]:
+                continue
+            # One run over the span of the stale periods: replacing a fresh period in
+            # between costs little, and a burst of changes makes one run, not hundreds.
+            keys = [start.strftime(key_format) for start, _ in marks[kind]]
+            fingerprint = hashlib.sha1(
+                ";".join(
+                    f"{key}:{version}" for key, (_, version) in zip(keys, marks[kind], strict=True)
+                ).encode()
+            ).hexdigest()[:16]
             requests.append(
                 dg.RunRequest(
-                    job_name=job.name, partition_key=key, run_key=f"{kind}:{key}:{version}"
+                    job_name=job.name,
+                    run_key=f"{kind}:{keys[0]}:{keys[-1]}:{fingerprint}",
+                    tags={
+                        "dagster/asset_partition_range_start": keys[0],
+                        "dagster/asset_partition_range_end": keys[-1],
+                        "metrics/stale_periods": str(len(keys)),
+                    },
                 )
             )
         if not requests:

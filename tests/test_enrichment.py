@@ -501,14 +501,35 @@ def test_metrics_sensor_refreshes_exactly_the_stale_days_and_hours(conn, postgre
     sensor = build_metrics_sensor()
     with dg.build_sensor_context(resources={"postgres": postgres}) as context:
         result = sensor(context)
-    requested = sorted((r.job_name, r.partition_key) for r in result.run_requests)
-    assert [key for job, key in requested if job == "metrics_job"] == sorted(
-        start.date().isoformat() for kind, start in marked if kind == "day"
+    # One run per kind, over the span of the stale periods.
+    ranges = {
+        r.job_name: (r.partition_key_range.start, r.partition_key_range.end)
+        for r in result.run_requests
+    }
+    days = sorted(start.date().isoformat() for kind, start in marked if kind == "day")
+    hours = sorted(start.strftime("%Y-%m-%d-%H:%M") for kind, start in marked if kind == "hour")
+    assert ranges == {
+        "metrics_job": (days[0], days[-1]),
+        "performance_stats_job": (hours[0], hours[-1]),
+    }
+    # The same marks again: the same run keys (no second run); a new mark: new keys.
+    with dg.build_sensor_context(resources={"postgres": postgres}) as context:
+        again = sensor(context)
+    assert [r.run_key for r in again.run_requests] == [r.run_key for r in result.run_requests]
+
+    # The metrics job run over that range refreshes every day in it.
+    from conversation_assets.definitions import defs
+
+    run = defs.resolve_job_def("metrics_job").execute_in_process(
+        tags=result.run_requests[0].tags
+        if result.run_requests[0].job_name == "metrics_job"
+        else result.run_requests[1].tags,
+        resources={"postgres": postgres},
     )
-    assert [key for job, key in requested if job == "performance_stats_job"] == sorted(
-        start.strftime("%Y-%m-%d-%H:%M") for kind, start in marked if kind == "hour"
-    )
-    assert len({r.run_key for r in result.run_requests}) == len(result.run_requests)
+    assert run.success
+    assert conn.execute(
+        "SELECT count(*) FROM metrics_dirty_periods WHERE kind = 'day'"
+    ).fetchone() == (0,)
 
     incremental(postgres)  # the rest of the queue
     refresh_metrics(postgres.pool, EVERY_DAY)
