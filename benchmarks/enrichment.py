@@ -25,7 +25,7 @@ from discovery import database, load_average, machine  # benchmarks/discovery.py
 from psycopg_pool import ConnectionPool
 
 from conversation_assets import dashboards, demo, migrate
-from conversation_assets.enrichment import enrich, refresh_metrics
+from conversation_assets.enrichment import enrich, refresh_metrics, refresh_performance
 
 BARS = {"refresh_s": 2.0, "ratio": 20.0, "metrics_ms": 200.0, "read_ms": 5.0}
 DAY0 = datetime(2026, 1, 1, tzinfo=UTC)  # the day that holds a tenth of all conversations
@@ -327,6 +327,8 @@ def main() -> None:
             )
 
             refresh_metrics(pool, (DAY0, DAY0 + timedelta(days=366)))
+            # What metrics_sensor keeps current: the hours around the read's "now".
+            refresh_performance(pool, (DAY0 - timedelta(days=1), DAY0 + timedelta(days=2)))
             # Reads in a steady state: what autovacuum keeps up with between changes.
             conn.execute("VACUUM ANALYZE conversation_metrics, conversations")
             first_day, last_day = DAY0.date(), DAY0.date() + timedelta(days=89)

@@ -1,6 +1,6 @@
 """Reads for the product's dashboards: a client's daily series, its top channels
 and its last 24 hours. Each reads one client's rows through an index (the metrics
-table's primary key, or conversations' client-by-date index), never raw history.
+tables' primary keys, or conversations' client-by-date index), never raw history.
 """
 
 from __future__ import annotations
@@ -78,8 +78,9 @@ def top_channels(
 def last_24_hours(
     conn: psycopg.Connection, client_code: str, now: datetime | None = None
 ) -> list[tuple[datetime, int]]:
-    """Conversations started in each of the 24 UTC hours up to ``now`` (live data,
-    zeros included), oldest first."""
+    """Conversations started in each of the 24 UTC hours up to ``now``, oldest first,
+    zeros included: past hours from ``performance_stats`` when their figures are
+    current, the current hour (and any stale one) counted live."""
     at = now or datetime.now(UTC)
     rows = conn.execute(
         query("dashboard_last_24_hours"), {"client_code": client_code, "now": at}, prepare=False

@@ -383,6 +383,24 @@ def test_metrics_figures_and_dashboard_reads(conn, postgres):
     with pytest.raises(ValueError, match="before first_day"):
         dashboards.daily_series(conn, "acme", last, first)
 
+    # Past hours come from performance_stats once refreshed (here doctored, to see
+    # which path answered); an hour marked stale, and the current one, are live.
+    refresh_performance(
+        postgres.pool, (DAY.replace(hour=0), DAY.replace(hour=0) + timedelta(days=2))
+    )
+    conn.execute(
+        "UPDATE performance_stats SET conversations_by_client = '{\"acme\": 7}' WHERE hour = %s",
+        (DAY.replace(minute=0),),
+    )
+    later = DAY + timedelta(hours=3)
+    assert dict(dashboards.last_24_hours(conn, "acme", now=later))[DAY.replace(minute=0)] == 7
+    conn.execute(
+        "INSERT INTO metrics_dirty_periods (kind, period_start) VALUES ('hour', %s)",
+        (DAY.replace(minute=0),),
+    )
+    assert dict(dashboards.last_24_hours(conn, "acme", now=later))[DAY.replace(minute=0)] == 3
+    assert sum(n for _, n in dashboards.last_24_hours(conn, "other", now=later)) == 0
+
 
 @pytest.mark.parametrize(
     ("read", "index"),
@@ -390,6 +408,7 @@ def test_metrics_figures_and_dashboard_reads(conn, postgres):
         ("dashboard_daily_series", "conversation_metrics_pkey"),
         ("dashboard_top_channels", "conversation_metrics_pkey"),
         ("dashboard_last_24_hours", "conversations_client_created_idx"),
+        ("dashboard_last_24_hours", "performance_stats_pkey"),
     ],
 )
 def test_each_dashboard_read_is_served_by_an_index(conn, read, index):

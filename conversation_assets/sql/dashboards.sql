@@ -24,21 +24,29 @@ ORDER BY conversations DESC, m.channel
 LIMIT %(limit)s;
 
 -- name: dashboard_last_24_hours
--- Conversations started in each of the last 24 hours (zeros included). Served by
--- conversations_client_created_idx: an index-only range scan of one client's day.
+-- Conversations started in each of the last 24 hours (zeros included). A past hour
+-- whose figures are current comes from performance_stats (one primary-key row, the
+-- client's count in it), so a big client costs the same as a small one; the
+-- current hour, and any hour marked stale, is counted live through
+-- conversations_client_created_idx (an index-only range scan of that hour).
 WITH hours AS (
     SELECT generate_series(date_trunc('hour', %(now)s::timestamptz, 'UTC') - interval '23 hours',
                            date_trunc('hour', %(now)s::timestamptz, 'UTC'),
                            interval '1 hour') AS hour
 ),
-started AS (
-    SELECT date_trunc('hour', c.created_at, 'UTC') AS hour, count(*) AS conversations
-    FROM conversations AS c
-    WHERE c.client_code = %(client_code)s AND c.deleted_at IS NULL
-      AND c.created_at >= date_trunc('hour', %(now)s::timestamptz, 'UTC') - interval '23 hours'
-      AND c.created_at <= %(now)s::timestamptz
-    GROUP BY 1
+rolled_up AS (
+    SELECT p.hour, coalesce((p.conversations_by_client ->> %(client_code)s)::bigint, 0) AS n
+    FROM performance_stats AS p
+    WHERE p.hour >= date_trunc('hour', %(now)s::timestamptz, 'UTC') - interval '23 hours'
+      AND p.hour < date_trunc('hour', %(now)s::timestamptz, 'UTC')
+      AND NOT EXISTS (SELECT 1 FROM metrics_dirty_periods AS d
+                      WHERE d.kind = 'hour' AND d.period_start = p.hour)
 )
-SELECT h.hour, coalesce(s.conversations, 0)
-FROM hours AS h LEFT JOIN started AS s USING (hour)
+SELECT h.hour,
+       coalesce(r.n, (SELECT count(*) FROM conversations AS c
+                      WHERE c.client_code = %(client_code)s AND c.deleted_at IS NULL
+                        AND c.created_at >= h.hour AND c.created_at < h.hour + interval '1 hour'
+                        AND c.created_at <= %(now)s::timestamptz))
+FROM hours AS h
+LEFT JOIN rolled_up AS r ON r.hour = h.hour
 ORDER BY h.hour;
