@@ -53,7 +53,7 @@ def _default_status() -> dg.DefaultScheduleStatus:
 
 def build_metrics_schedule() -> dg.ScheduleDefinition:
     """Yesterday's metrics once the day is over. (Days also refresh whenever their
-    enriched rows change, through metrics_automation_sensor.)"""
+    enriched rows change, through metrics_sensor.)"""
 
     @dg.schedule(
         name="metrics_schedule",
