@@ -346,6 +346,10 @@ def main() -> None:
         initial_s = time.perf_counter() - started
         if initial.failed:
             raise SystemExit(f"initial discovery failed: {[o.error for o in initial.failed]}")
+        # In a deployment the conversations step, in the same job, drains what discovery
+        # queued; here nothing does, and a queue holding every session made each crew's
+        # step about 6 ms slower (1M rows: 105.8 ms vs 81.2 ms). Measure the steady state.
+        work.execute("TRUNCATE conversation_queue")
         work.execute(
             "VACUUM ANALYZE discovered_sessions, crew_discovery_state, discovery_rejects, "
             "conversation_queue"
