@@ -64,14 +64,7 @@ def product_tables(conn: psycopg.Connection) -> tuple[dict[str, sql.Composable],
     parts: dict[str, sql.Composable] = {}
     missing: list[str] = []
     for name, needed in PRODUCT_TABLES.items():
-        columns = {
-            row[0]
-            for row in conn.execute(
-                "SELECT a.attname FROM pg_attribute AS a WHERE a.attrelid = to_regclass(%s) "
-                "AND a.attnum > 0 AND NOT a.attisdropped",
-                (name,),
-            )
-        }
+        columns = {row[0] for row in conn.execute(query("product_table_columns"), {"table": name})}
         if not columns:
             parts[name] = sql.SQL(text(f"empty_{name}"))  # type: ignore[arg-type]
             missing.append(name)
@@ -97,7 +90,7 @@ def _enrich_batch(
         query("enrich_conversations", **parts), {"ids": ids, "excerpt_chars": excerpt_chars}
     ).fetchone()
     assert row is not None
-    written, removed, _live, days = row
+    written, removed, days = row
     report.conversations += len(ids)
     report.written += written
     report.removed += removed

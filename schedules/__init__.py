@@ -20,15 +20,20 @@ def discovery_cron() -> str:
     return value
 
 
+def _default_status() -> dg.DefaultScheduleStatus:
+    """ENABLE_BACKGROUND_JOBS decides whether schedules start running."""
+    if settings.background_jobs_enabled():
+        return dg.DefaultScheduleStatus.RUNNING
+    return dg.DefaultScheduleStatus.STOPPED
+
+
 def build_discovery_schedule() -> dg.ScheduleDefinition:
     @dg.schedule(
         name="discovery_schedule",
         cron_schedule=discovery_cron(),
         execution_timezone="UTC",
         job=discovery_job,
-        default_status=dg.DefaultScheduleStatus.RUNNING
-        if settings.background_jobs_enabled()
-        else dg.DefaultScheduleStatus.STOPPED,
+        default_status=_default_status(),
         description="Incremental discovery of every crew on a cron (seed 000's background job).",
     )
     def discovery_schedule(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
@@ -43,12 +48,6 @@ def build_discovery_schedule() -> dg.ScheduleDefinition:
 
 
 discovery_schedule = build_discovery_schedule()
-
-
-def _default_status() -> dg.DefaultScheduleStatus:
-    if settings.background_jobs_enabled():
-        return dg.DefaultScheduleStatus.RUNNING
-    return dg.DefaultScheduleStatus.STOPPED
 
 
 def build_metrics_schedule() -> dg.ScheduleDefinition:

@@ -9,6 +9,11 @@
 (SELECT NULL::uuid AS conversation_id, NULL::text AS client_code, NULL::text AS identifier,
         NULL::text AS title, NULL::text AS state, NULL::text AS url WHERE false)
 
+-- name: product_table_columns
+SELECT a.attname
+FROM pg_attribute AS a
+WHERE a.attrelid = to_regclass(%(table)s) AND a.attnum > 0 AND NOT a.attisdropped;
+
 -- name: product_table_fingerprint
 -- The table's file and write counters now ('missing' when it does not exist; NULL
 -- when the counters are off), and what the last refresh saw.
@@ -243,7 +248,6 @@ marked AS (
 )
 SELECT (SELECT count(*) FROM written) AS written,
        (SELECT count(*) FROM removed) AS removed,
-       (SELECT count(*) FROM live) AS live,
        ARRAY(SELECT DISTINCT (t.created_at AT TIME ZONE 'UTC')::date FROM touched AS t
              ORDER BY 1) AS days;
 
