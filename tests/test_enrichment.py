@@ -623,8 +623,14 @@ def test_product_tables_of_other_shapes_and_tenants(conn, postgres):
     )
     assert got == {"a": ({"plan": "pro"}, "A-1"), "b": (None, "A-2")}
 
-    # Untouched product tables are not read again (their counters did not move).
-    assert incremental(postgres).queued_for_tickets == 0
+    # Untouched product tables are not read again (their counters did not move): with
+    # the saved hashes gone, reading them would queue both conversations again.
+    conn.execute("DELETE FROM enrichment_source_state")
+    idle = incremental(postgres)
+    assert (idle.queued_for_insights, idle.queued_for_tickets) == (0, 0)
+    # A full refresh always reads them.
+    forced = enrich(postgres.pool, mode="full", window=EVERY_DAY)
+    assert (forced.queued_for_insights, forced.queued_for_tickets) == (1, 2)
     conn.execute("ALTER TABLE linked_tickets DROP COLUMN url")
     with pytest.raises(ProductTableError, match="linked_tickets has no column url"):
         incremental(postgres)
