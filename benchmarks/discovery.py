@@ -77,8 +77,13 @@ def load_average() -> str:
 
 
 @contextmanager
-def database(keep: bool) -> Iterator[str]:
-    """A fresh database: on DATABASE_URL if set, else on an embedded PostgreSQL."""
+def database(keep: bool, shared_buffers: str | None = None) -> Iterator[str]:
+    """A fresh database: on DATABASE_URL if set, else on an embedded PostgreSQL.
+
+    ``shared_buffers`` (e.g. ``4GB``) restarts the embedded server with that much
+    buffer cache instead of PostgreSQL's default 128 MB, to measure a server sized
+    for its data; with DATABASE_URL the server's own setting stands.
+    """
     base_url = os.environ.get("DATABASE_URL")
     server, workdir = None, None
     if not base_url:
@@ -89,6 +94,17 @@ def database(keep: bool) -> Iterator[str]:
             workdir / "data", cleanup_mode=None if keep else "delete"
         )
         base_url = server.get_uri()
+        if shared_buffers:
+            with psycopg.connect(base_url, autocommit=True) as conn:
+                conn.execute(
+                    sql.SQL("ALTER SYSTEM SET shared_buffers = {}").format(
+                        sql.Literal(shared_buffers)
+                    )
+                )
+            server.stop()  # shared_buffers takes a restart
+            server.start()
+    elif shared_buffers:
+        print("--shared-buffers is ignored with DATABASE_URL: the server's setting stands")
     try:
         with scratch_database(base_url, "bench_discovery", keep=keep) as url:
             yield url
@@ -317,6 +333,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="measurements of (a), (c), (d)")
     parser.add_argument("--ticks", type=int, default=20, help="sensor ticks measured for (b)")
     parser.add_argument("--keep-db", action="store_true", help="keep the database afterwards")
+    parser.add_argument(
+        "--shared-buffers",
+        help="restart the embedded server with this much buffer cache (e.g. 4GB)",
+    )
     args = parser.parse_args()
     if args.crews < 1 or args.rows < args.crews or args.new < 1:
         parser.error("need --crews >= 1, --rows >= --crews and --new >= 1")
@@ -327,7 +347,7 @@ def main() -> None:
     print(f"machine: {info['cores']} cores ({info['cpu']}), {info['ram']} RAM, ", end="")
     print(f"Python {info['python']}, load average {load_average()}")
 
-    with database(args.keep_db) as url:
+    with database(args.keep_db, args.shared_buffers) as url:
         specs = crew_specs(args.crews)
         affected = specs[: min(AFFECTED_CREWS, len(specs))]
         started = time.perf_counter()
@@ -336,7 +356,12 @@ def main() -> None:
 
         work = psycopg.connect(url, autocommit=True)
         version = work.execute("SHOW server_version").fetchone()
-        print(f"PostgreSQL {version[0] if version else '?'}; ", end="")
+        buffers = work.execute("SHOW shared_buffers").fetchone()
+        print(
+            f"PostgreSQL {version[0] if version else '?'}, shared_buffers "
+            f"{buffers[0] if buffers else '?'}; ",
+            end="",
+        )
         print(f"{total:,} rows in {len(specs)} tables, built in {load_s:.1f} s")
 
         started = time.perf_counter()

@@ -3,7 +3,8 @@ of the conversations changed, beside seed 004's ``REFRESH MATERIALIZED VIEW
 CONCURRENTLY`` of its view over the same data in the same run; a day of metrics for
 100k conversations beside seed 001's whole metrics view; the dashboard reads.
 
-Run: ``python benchmarks/enrichment.py [--n 1000000] [--messages-per 10] [--keep-db]``
+Run: ``python benchmarks/enrichment.py [--n 1000000] [--messages-per 10] [--keep-db]
+[--shared-buffers 4GB]``
 (``--n 100000`` for a quick run). Uses an embedded PostgreSQL in the system temp dir,
 or ``DATABASE_URL`` (in a database it creates and drops). Peak memory is the peak
 resident size of the server process that did the work (fresh for each measurement,
@@ -27,6 +28,7 @@ from psycopg_pool import ConnectionPool
 from conversation_assets import dashboards, demo, migrate
 from conversation_assets.enrichment import enrich, refresh_metrics, refresh_performance
 
+WORKERS = 2  # enrich's default: a large batch is split over two connections
 BARS = {"refresh_s": 2.0, "ratio": 20.0, "metrics_ms": 200.0, "read_ms": 5.0}
 DAY0 = datetime(2026, 1, 1, tzinfo=UTC)  # the day that holds a tenth of all conversations
 CLIENTS = 20
@@ -169,19 +171,23 @@ def temp_bytes(conn: psycopg.Connection) -> int:
 
 
 def measured(url: str, label: str, work: Callable[[ConnectionPool], object]) -> float:
-    """Run work through a fresh one-connection pool (a fresh server process); print its
-    time, the peak memory of that process and the temporary files written."""
+    """Run work through a fresh pool of WORKERS connections (fresh server processes,
+    opened before the clock starts); print its time, the peak memory of each process
+    and the temporary files written."""
     with psycopg.connect(url, autocommit=True) as watcher:
         before = temp_bytes(watcher)
-        with ConnectionPool(url, min_size=1, max_size=1, kwargs={"autocommit": True}) as pool:
+        with ConnectionPool(
+            url, min_size=WORKERS, max_size=WORKERS, kwargs={"autocommit": True}
+        ) as pool:
+            pool.wait()
             started = time.perf_counter()
             work(pool)
             seconds = time.perf_counter() - started
-            with pool.connection() as conn:
-                memory = peak_memory(conn)
+            with pool.connection() as first, pool.connection() as second:
+                memory = " and ".join(peak_memory(conn) for conn in (first, second))
         spilled = temp_bytes(watcher) - before
     print(
-        f"{label}: {seconds:,.2f} s; peak memory of its server process {memory}; "
+        f"{label}: {seconds:,.2f} s; peak memory of its {WORKERS} server processes {memory}; "
         f"temp files {spilled / 1024 / 1024:,.0f} MiB",
         flush=True,
     )
@@ -234,14 +240,24 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=1_000_000, help="Conversations.")
     parser.add_argument("--messages-per", type=int, default=10, help="Messages per session.")
     parser.add_argument("--keep-db", action="store_true")
+    parser.add_argument(
+        "--shared-buffers",
+        help="restart the embedded server with this much buffer cache (e.g. 4GB)",
+    )
     args = parser.parse_args()
 
     info = machine()
     print(f"machine: {info['cpu']}, {info['cores']} cores, {info['ram']}, python {info['python']}")
-    with database(args.keep_db) as url, psycopg.connect(url, autocommit=True) as conn:
+    with (
+        database(args.keep_db, args.shared_buffers) as url,
+        psycopg.connect(url, autocommit=True) as conn,
+    ):
         migrate.upgrade(conn)
         server = conn.execute("SHOW server_version").fetchone()[0]
-        print(f"postgresql {server}; load average before: {load_average()}")
+        buffers = conn.execute("SHOW shared_buffers").fetchone()[0]
+        print(
+            f"postgresql {server}, shared_buffers {buffers}; load average before: {load_average()}"
+        )
         load(conn, args.n, args.messages_per)
         with ConnectionPool(url, min_size=1, max_size=2, kwargs={"autocommit": True}) as pool:
             started = time.perf_counter()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from typing import Any, Literal
@@ -32,6 +33,9 @@ PRODUCT_TABLES = {
     "linked_tickets": ("conversation_id", "client_code", "identifier", "title", "state", "url"),
 }
 EXCERPT_CHARS = 600  # the end of the transcript kept as the latest messages
+# A batch is split over several connections only when each part gets this many
+# conversations: below that, a second transaction costs more than it saves.
+MIN_IDS_PER_WORKER = 1_000
 DIFF_WORK_MEM = "64MB"  # hash tables of the product-table diff, sorts of a metrics day
 _LOCK = "conversation_pipeline.enrichment"
 
@@ -79,23 +83,79 @@ def product_tables(conn: psycopg.Connection) -> tuple[dict[str, sql.Composable],
     return parts, missing
 
 
-def _enrich_batch(
-    conn: psycopg.Connection,
-    parts: dict[str, sql.Composable],
-    ids: list[Any],
-    report: EnrichReport,
-    excerpt_chars: int,
-) -> None:
-    row = conn.execute(
-        query("enrich_conversations", **parts), {"ids": ids, "excerpt_chars": excerpt_chars}
-    ).fetchone()
-    assert row is not None
-    written, removed, days = row
-    report.conversations += len(ids)
-    report.written += written
-    report.removed += removed
-    report.touched_days.update(days)
-    report.batches += 1
+@dataclass
+class _Batches:
+    """How batches run: the run's own connection, plus (for a large batch) more from
+    the pool, so that a batch can use more than one core."""
+
+    conn: psycopg.Connection
+    pool: ConnectionPool
+    parts: dict[str, sql.Composable]
+    excerpt_chars: int
+    workers: int
+    helpers: ThreadPoolExecutor | None = None
+
+    def run(self, ids: list[Any], versions: list[int] | None, report: EnrichReport) -> None:
+        """One batch: its ids split over up to ``workers`` connections, one transaction
+        each. The parts never wait on each other's rows (their ids are disjoint); the
+        stale-period marks they share are taken in one order, so at worst one waits
+        for the other's commit. Dequeued (when ``versions`` is given) in the same
+        transaction as the rows they were enriched into."""
+        parts = min(self.workers, max(1, len(ids) // MIN_IDS_PER_WORKER))
+        size = -(-len(ids) // parts)
+        chunks = [
+            (ids[start : start + size], versions[start : start + size] if versions else None)
+            for start in range(0, len(ids), size)
+        ]
+        pending: list[Future[tuple[int, int, list[date]]]] = []
+        if len(chunks) > 1:
+            if self.helpers is None:
+                self.helpers = ThreadPoolExecutor(
+                    max_workers=self.workers - 1, thread_name_prefix="enrich"
+                )
+            pending = [self.helpers.submit(self._on_pooled, *chunk) for chunk in chunks[1:]]
+        results = []
+        failure: BaseException | None = None
+        try:
+            results.append(self._on(self.conn, *chunks[0]))
+        except BaseException as error:  # the other parts still finish (they may commit)
+            failure = error
+        for future in pending:
+            try:
+                results.append(future.result())
+            except BaseException as error:
+                failure = failure or error
+        for written, removed, days in results:
+            report.written += written
+            report.removed += removed
+            report.touched_days.update(days)
+        if failure is not None:
+            raise failure
+        report.conversations += len(ids)
+        report.batches += 1
+
+    def _on_pooled(self, ids: list[Any], versions: list[int] | None) -> tuple[int, int, list[date]]:
+        with self.pool.connection() as conn:
+            conn.autocommit = True
+            return self._on(conn, ids, versions)
+
+    def _on(
+        self, conn: psycopg.Connection, ids: list[Any], versions: list[int] | None
+    ) -> tuple[int, int, list[date]]:
+        with conn.transaction():
+            row = conn.execute(
+                query("enrich_conversations", **self.parts),
+                {"ids": ids, "excerpt_chars": self.excerpt_chars},
+            ).fetchone()
+            assert row is not None
+            if versions is not None:
+                conn.execute(query("lock_enriched_entries"), {"ids": ids})
+                conn.execute(query("dequeue_enriched"), {"ids": ids, "versions": versions})
+        return row[0], row[1], row[2]
+
+    def close(self) -> None:
+        if self.helpers is not None:
+            self.helpers.shutdown(wait=True)
 
 
 def enrich(
@@ -106,6 +166,7 @@ def enrich(
     batch_size: int = 5_000,
     max_batches: int | None = None,
     excerpt_chars: int = EXCERPT_CHARS,
+    workers: int = 2,
     progress: Callable[[str], None] | None = None,
 ) -> EnrichReport:
     """Bring ``enriched_conversations`` up to date.
@@ -115,9 +176,15 @@ def enrich(
     when another refresh is under way (it takes the queue). full: every
     conversation filed under ``window`` now or before, compared row by row
     (unchanged rows are not rewritten); waits for a refresh under way.
+
+    A batch of at least ``2 * MIN_IDS_PER_WORKER`` conversations is split over up
+    to ``workers`` connections (the pool must be able to lend them), one
+    transaction each.
     """
     if mode == "full" and window is None:
         raise ValueError("a full refresh needs the partition window")
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}")
     say = progress or (lambda _message: None)
     started = time.perf_counter()
     report = EnrichReport(mode=mode)
@@ -152,11 +219,17 @@ def enrich(
                 report.queued_for_tickets = _queue_changed_rows(
                     conn, parts, "linked_tickets", force=mode == "full"
                 )
-            if mode == "incremental":
-                _drain_queue(conn, parts, report, batch_size, max_batches, excerpt_chars, say)
-            else:
-                assert window is not None
-                _rebuild_window(conn, parts, report, window, batch_size, excerpt_chars, say)
+            # A pool smaller than `workers` lends what it has.
+            lendable = min(workers, getattr(pool, "max_size", workers))
+            batches = _Batches(conn, pool, parts, excerpt_chars, lendable)
+            try:
+                if mode == "incremental":
+                    _drain_queue(conn, batches, report, batch_size, max_batches, say)
+                else:
+                    assert window is not None
+                    _rebuild_window(conn, batches, report, window, batch_size, say)
+            finally:
+                batches.close()
             left = conn.execute("SELECT count(*) FROM enrichment_queue").fetchone()
             report.queue_left = left[0] if left else 0
         finally:
@@ -193,11 +266,10 @@ def _queue_changed_rows(
 
 def _drain_queue(
     conn: psycopg.Connection,
-    parts: dict[str, sql.Composable],
+    batches: _Batches,
     report: EnrichReport,
     batch_size: int,
     max_batches: int | None,
-    excerpt_chars: int,
     say: Callable[[str], None],
 ) -> None:
     began = conn.execute("SELECT statement_timestamp()").fetchone()
@@ -216,25 +288,19 @@ def _drain_queue(
         if not entries:
             return
         cursor = (entries[-1][2], entries[-1][0])
-        ids = [e[0] for e in entries]
-        with conn.transaction():
-            _enrich_batch(conn, parts, ids, report, excerpt_chars)
-            versions = [e[1] for e in entries]
-            conn.execute(query("lock_enriched_entries"), {"ids": ids})
-            conn.execute(query("dequeue_enriched"), {"ids": ids, "versions": versions})
+        batches.run([e[0] for e in entries], [e[1] for e in entries], report)
         say(
-            f"batch {report.batches}: {len(ids):,} queued conversations, "
+            f"batch {report.batches}: {len(entries):,} queued conversations, "
             f"{report.written:,} written and {report.removed:,} removed so far"
         )
 
 
 def _rebuild_window(
     conn: psycopg.Connection,
-    parts: dict[str, sql.Composable],
+    batches: _Batches,
     report: EnrichReport,
     window: Window,
     batch_size: int,
-    excerpt_chars: int,
     say: Callable[[str], None],
 ) -> None:
     ids = [
@@ -246,8 +312,7 @@ def _rebuild_window(
     ]
     say(f"{len(ids):,} conversations filed under {window[0]:%Y-%m-%d}..{window[1]:%Y-%m-%d}")
     for start in range(0, len(ids), batch_size):
-        with conn.transaction():
-            _enrich_batch(conn, parts, ids[start : start + batch_size], report, excerpt_chars)
+        batches.run(ids[start : start + batch_size], None, report)
 
 
 @dataclass

@@ -9,6 +9,7 @@ import dagster as dg
 import psycopg
 import pytest
 from psycopg import sql
+from psycopg_pool import ConnectionPool
 
 from conversation_assets import dashboards, demo
 from conversation_assets.assets.conversations import conversations
@@ -670,3 +671,69 @@ def test_metrics_and_performance_schedules(monkeypatch):
     assert build_metrics_sensor().default_status == dg.DefaultSensorStatus.STOPPED
     monkeypatch.setenv("ENABLE_BACKGROUND_JOBS", "true")
     assert build_metrics_sensor().default_status == dg.DefaultSensorStatus.RUNNING
+
+
+def test_a_large_batch_is_split_over_two_connections_with_the_same_result(
+    conn, postgres, monkeypatch
+):
+    monkeypatch.setattr("conversation_assets.enrichment.MIN_IDS_PER_WORKER", 3)
+    product_tables(conn)
+    seed(conn, 12)
+    conn.execute(
+        "UPDATE conversations SET deleted_at = now(), deleted_by = 'product' "
+        "WHERE session_id = 's4'"
+    )
+    lent = lambda: postgres.pool.get_stats().get("requests_num", 0)  # noqa: E731
+    before = lent()
+    report = incremental(postgres, batch_size=12, workers=2)
+    # The run's own connection, and a second one for the other half of the batch.
+    assert lent() - before == 2
+    assert (report.batches, report.conversations, report.written) == (1, 12, 11)
+    assert conn.execute("SELECT count(*) FROM enrichment_queue").fetchone() == (0,)
+    marked = conn.execute("SELECT count(*) FROM metrics_dirty_periods WHERE kind = 'day'")
+    assert marked.fetchone() == (2,)  # both days, whichever part wrote them
+    split = enriched(conn)
+
+    # One connection, from scratch: the same rows.
+    conn.execute("TRUNCATE enriched_conversations, enrichment_source_state")
+    serial = enrich(postgres.pool, mode="full", window=EVERY_DAY, workers=1)
+    assert serial.written == 11
+    assert enriched(conn) == split
+
+
+def test_a_pool_of_one_connection_refreshes_on_that_one(conn, postgres, monkeypatch):
+    monkeypatch.setattr("conversation_assets.enrichment.MIN_IDS_PER_WORKER", 1)
+    seed(conn, 4)
+    with ConnectionPool(postgres.database_url, min_size=1, max_size=1) as pool:
+        report = enrich(pool, mode="incremental", workers=4)
+    assert (report.written, report.batches) == (4, 1)
+    with pytest.raises(ValueError, match="workers"):
+        enrich(postgres.pool, mode="incremental", workers=0)
+
+
+def test_metrics_p95_is_the_95th_percentile_of_each_group(conn, postgres):
+    # 20 conversations on one day, 1 to 20 minutes long; and 2 of another channel.
+    upsert_conversations(
+        conn,
+        [
+            record(
+                f"p{i}",
+                created_at=DAY + timedelta(hours=1, minutes=i),
+                last_message_at=DAY + timedelta(hours=1, minutes=2 * i),
+                channel="web" if i <= 20 else "whatsapp",
+            )
+            for i in range(1, 23)
+        ],
+    )
+    incremental(postgres)
+    midnight = datetime.combine(DAY.date(), datetime.min.time(), UTC)
+    refresh_metrics(postgres.pool, (midnight, midnight + timedelta(days=1)))
+    rows = dict(
+        conn.execute(
+            "SELECT channel, p95_duration_seconds FROM conversation_metrics WHERE day = %s",
+            (DAY.date(),),
+        ).fetchall()
+    )
+    # Interpolated as percentile_cont: position 0.95 * 19 = 18.05 between 19 and 20 min.
+    assert rows["web"] == pytest.approx(19.05 * 60)
+    assert rows["whatsapp"] == pytest.approx((21 + 0.95) * 60)

@@ -40,6 +40,12 @@ class EnrichmentConfig(dg.Config):
         gt=0,
         description="Characters of the transcript's end kept as the latest messages.",
     )
+    workers: int = Field(
+        default=2,
+        gt=0,
+        description="Connections a large batch is split over (one transaction each); "
+        "more than the database's cores gains nothing.",
+    )
 
 
 @dg.asset(
@@ -67,6 +73,7 @@ def enriched_conversations(
         batch_size=config.batch_size,
         max_batches=config.max_batches,
         excerpt_chars=config.excerpt_chars,
+        workers=config.workers,
         progress=context.log.info,
     )
     if report.skipped_reason:
