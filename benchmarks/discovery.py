@@ -1,8 +1,9 @@
 """Discovery benchmark: incremental discovery against seed 000's way, same data, same run.
 
 Run: ``python benchmarks/discovery.py [--rows 1000000] [--crews 20] [--new 1000]
-[--repeats 5] [--ticks 20] [--keep-db]``. Uses an embedded PostgreSQL in the system
-temp dir, or ``DATABASE_URL`` (in a database it creates and drops). See README.md.
+[--repeats 5] [--ticks 20] [--keep-db] [--shared-buffers 4GB]``. Uses an embedded
+PostgreSQL in the system temp dir, or ``DATABASE_URL`` (in a database it creates and
+drops). See README.md.
 
 DB time is the server's own measure: ``pg_stat_database.active_time`` (time backends
 of this database spent running statements), read around each measured window after
