@@ -19,7 +19,13 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 
 import psycopg
-from discovery import database, load_average, machine  # benchmarks/discovery.py
+from discovery import (  # benchmarks/discovery.py
+    add_server_arguments,
+    database,
+    load_average,
+    machine,
+    server_settings,
+)
 from pgvector.psycopg import register_vector
 from psycopg import sql
 from psycopg_pool import ConnectionPool
@@ -334,10 +340,7 @@ def main() -> None:
     parser.add_argument("--naive", type=int, default=5_000, help="Rows for seed 003's way.")
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--keep-db", action="store_true")
-    parser.add_argument(
-        "--shared-buffers",
-        help="restart the embedded server with this much buffer cache (e.g. 4GB)",
-    )
+    add_server_arguments(parser)
     args = parser.parse_args()
 
     info = machine()
@@ -354,11 +357,7 @@ def main() -> None:
     ):
         migrate.upgrade(conn)
         register_vector(conn)
-        server = conn.execute("SHOW server_version").fetchone()[0]
-        buffers = conn.execute("SHOW shared_buffers").fetchone()[0]
-        print(
-            f"postgresql {server}, shared_buffers {buffers}; load average before: {load_average()}"
-        )
+        print(f"{server_settings(conn)}; load average before: {load_average()}")
         bulk(conn, url, data, args.naive)
         single(conn, data)
         lookups(conn, data)

@@ -77,6 +77,22 @@ def load_average() -> str:
         return "unknown"
 
 
+def add_server_arguments(parser: argparse.ArgumentParser) -> None:
+    """The embedded server's options every benchmark takes."""
+    parser.add_argument(
+        "--shared-buffers",
+        help="restart the embedded server with this much buffer cache (e.g. 4GB)",
+    )
+
+
+def server_settings(conn: psycopg.Connection) -> str:
+    """The server's version and buffer cache, for a benchmark's header."""
+    row = conn.execute(
+        "SELECT current_setting('server_version'), current_setting('shared_buffers')"
+    ).fetchone()
+    return f"PostgreSQL {row[0]}, shared_buffers {row[1]}" if row else "PostgreSQL ?"
+
+
 @contextmanager
 def database(keep: bool, shared_buffers: str | None = None) -> Iterator[str]:
     """A fresh database: on DATABASE_URL if set, else on an embedded PostgreSQL.
@@ -334,10 +350,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="measurements of (a), (c), (d)")
     parser.add_argument("--ticks", type=int, default=20, help="sensor ticks measured for (b)")
     parser.add_argument("--keep-db", action="store_true", help="keep the database afterwards")
-    parser.add_argument(
-        "--shared-buffers",
-        help="restart the embedded server with this much buffer cache (e.g. 4GB)",
-    )
+    add_server_arguments(parser)
     args = parser.parse_args()
     if args.crews < 1 or args.rows < args.crews or args.new < 1:
         parser.error("need --crews >= 1, --rows >= --crews and --new >= 1")
@@ -356,13 +369,7 @@ def main() -> None:
         load_s = time.perf_counter() - started
 
         work = psycopg.connect(url, autocommit=True)
-        version = work.execute("SHOW server_version").fetchone()
-        buffers = work.execute("SHOW shared_buffers").fetchone()
-        print(
-            f"PostgreSQL {version[0] if version else '?'}, shared_buffers "
-            f"{buffers[0] if buffers else '?'}; ",
-            end="",
-        )
+        print(f"{server_settings(work)}; ", end="")
         print(f"{total:,} rows in {len(specs)} tables, built in {load_s:.1f} s")
 
         started = time.perf_counter()

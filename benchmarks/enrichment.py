@@ -22,7 +22,13 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import psycopg
-from discovery import database, load_average, machine  # benchmarks/discovery.py
+from discovery import (  # benchmarks/discovery.py
+    add_server_arguments,
+    database,
+    load_average,
+    machine,
+    server_settings,
+)
 from psycopg_pool import ConnectionPool
 
 from conversation_assets import dashboards, demo, migrate
@@ -240,10 +246,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=1_000_000, help="Conversations.")
     parser.add_argument("--messages-per", type=int, default=10, help="Messages per session.")
     parser.add_argument("--keep-db", action="store_true")
-    parser.add_argument(
-        "--shared-buffers",
-        help="restart the embedded server with this much buffer cache (e.g. 4GB)",
-    )
+    add_server_arguments(parser)
     args = parser.parse_args()
 
     info = machine()
@@ -253,11 +256,7 @@ def main() -> None:
         psycopg.connect(url, autocommit=True) as conn,
     ):
         migrate.upgrade(conn)
-        server = conn.execute("SHOW server_version").fetchone()[0]
-        buffers = conn.execute("SHOW shared_buffers").fetchone()[0]
-        print(
-            f"postgresql {server}, shared_buffers {buffers}; load average before: {load_average()}"
-        )
+        print(f"{server_settings(conn)}; load average before: {load_average()}")
         load(conn, args.n, args.messages_per)
         with ConnectionPool(url, min_size=1, max_size=2, kwargs={"autocommit": True}) as pool:
             started = time.perf_counter()

@@ -36,7 +36,7 @@ EXCERPT_CHARS = 600  # the end of the transcript kept as the latest messages
 # A batch is split over several connections only when each part gets this many
 # conversations: below that, a second transaction costs more than it saves.
 MIN_IDS_PER_WORKER = 1_000
-DIFF_WORK_MEM = "64MB"  # hash tables of the product-table diff, sorts of a metrics day
+DIFF_WORK_MEM = "64MB"  # hash tables of the product-table diff and of a metrics day
 _LOCK = "conversation_pipeline.enrichment"
 
 Window = tuple[datetime, datetime]
@@ -101,8 +101,8 @@ class _Batches:
         stale-period marks they share are taken in one order, so at worst one waits
         for the other's commit. Dequeued (when ``versions`` is given) in the same
         transaction as the rows they were enriched into."""
-        parts = min(self.workers, max(1, len(ids) // MIN_IDS_PER_WORKER))
-        size = -(-len(ids) // parts)
+        count = min(self.workers, max(1, len(ids) // MIN_IDS_PER_WORKER))
+        size = -(-len(ids) // count)
         chunks = [
             (ids[start : start + size], versions[start : start + size] if versions else None)
             for start in range(0, len(ids), size)
@@ -220,7 +220,7 @@ def enrich(
                     conn, parts, "linked_tickets", force=mode == "full"
                 )
             # A pool smaller than `workers` lends what it has.
-            lendable = min(workers, getattr(pool, "max_size", workers))
+            lendable = min(workers, pool.max_size)
             batches = _Batches(conn, pool, parts, excerpt_chars, lendable)
             try:
                 if mode == "incremental":
@@ -348,7 +348,7 @@ def _replace(
     started = time.perf_counter()
     with pool.connection() as conn, conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"{_LOCK}.{kind}",))
-        # A day's rows sorted in memory for the percentiles, not on disk.
+        # A day's groups (and their durations, for the p95) hashed in memory, not on disk.
         conn.execute("SELECT set_config('work_mem', %s, true)", (DIFF_WORK_MEM,))
         conn.execute(query("clear_dirty_periods"), {**params, "kind": kind})
         conn.execute(query(delete), params)
