@@ -213,15 +213,15 @@ def change_one_percent(conn: psycopg.Connection, n: int) -> int:
         "INSERT INTO bench_histories (session_id, message) "
         "SELECT 's' || s, jsonb_build_object('type', 'human', 'content', 'one more thing', "
         "'additional_kwargs', '{}'::jsonb) "
-        "FROM generate_series(%(every)s, %(n)s, %(every)s) AS s",
+        "FROM generate_series(%(every)s::int, %(n)s::int, %(every)s::int) AS s",
         {"every": every, "n": n},
     )
     changed = conn.execute(
         "UPDATE conversations SET message_count = message_count + 1, "
         "last_message_at = last_message_at + interval '1 minute', "
         "full_conversation = full_conversation || 'User: one more thing\n' "
-        "WHERE session_id IN (SELECT 's' || s FROM generate_series(%(every)s, %(n)s, %(every)s) "
-        "AS s)",
+        "WHERE session_id IN (SELECT 's' || s "
+        "FROM generate_series(%(every)s::int, %(n)s::int, %(every)s::int) AS s)",
         {"every": every, "n": n},
     ).rowcount
     conn.execute("ANALYZE bench_histories")
@@ -303,8 +303,8 @@ def main() -> None:
             # 1% of the users' insights change: every conversation of theirs is redone.
             users = conn.execute(
                 "UPDATE user_insights SET app_sessions = app_sessions + 1 "
-                "WHERE user_id IN (SELECT 'u' || u FROM generate_series(1, %(users)s - 1, 100) "
-                "AS u)",
+                "WHERE user_id IN (SELECT 'u' || u "
+                "FROM generate_series(1, %(users)s::int - 1, 100) AS u)",
                 {"users": USERS},
             ).rowcount
             conn.execute("SELECT pg_stat_force_next_flush()")
