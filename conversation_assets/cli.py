@@ -180,6 +180,33 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_search_indexes(args: argparse.Namespace) -> int:
+    """Sync the per-client HNSW indexes now (e.g. right after a bulk load)."""
+    from conversation_assets.search_indexes import sync_search_indexes
+
+    given = {
+        "min_vectors": args.min_vectors,
+        "max_indexes": args.max_indexes,
+        "build_memory_mb": args.build_memory_mb,
+    }
+    url = database_url()
+    with psycopg.connect(url, autocommit=True) as conn:
+        report = sync_search_indexes(
+            conn,
+            progress=_say,
+            **{name: value for name, value in given.items() if value is not None},
+        )
+    if report.skipped_reason:
+        _say(f"skipped: {report.skipped_reason}")
+        return 0
+    _say(
+        f"{report.indexes} client indexes hold {report.vectors_covered:,} of "
+        f"{report.vectors_total:,} live vectors ({len(report.built)} built, "
+        f"{len(report.dropped)} dropped, {report.seconds:.1f} s)"
+    )
+    return 0
+
+
 # --- dev: dagster dev as a supervised child ----------------------------------------
 
 
@@ -453,6 +480,24 @@ def _parser() -> argparse.ArgumentParser:
     track_cmd.add_argument("crews", nargs="*", help="crew codes (all enabled crews if none)")
     track_cmd.add_argument("--apply", action="store_true", help="install the triggers")
     track_cmd.set_defaults(handler=_cmd_track_deletes)
+    index_cmd = commands.add_parser(
+        "search-indexes",
+        help="give each client with enough vectors an HNSW index of its own (built "
+        "CONCURRENTLY) and drop those of clients that shrank; what search_index_job does",
+    )
+    index_cmd.add_argument(
+        "--min-vectors", type=int, metavar="N", help="live vectors a client needs (10,000)"
+    )
+    index_cmd.add_argument(
+        "--max-indexes", type=int, metavar="N", help="at most this many, largest first (100)"
+    )
+    index_cmd.add_argument(
+        "--build-memory-mb",
+        type=int,
+        metavar="MB",
+        help="most maintenance_work_mem one build gets (1024; about 3 KB a 256-d vector)",
+    )
+    index_cmd.set_defaults(handler=_cmd_search_indexes)
     dev_cmd = commands.add_parser(
         "dev", help="migrate, load demo data and run the Dagster UI and daemon"
     )

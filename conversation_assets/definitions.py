@@ -5,6 +5,7 @@ import dagster as dg
 from conversation_assets import settings
 from conversation_assets.assets.conversations import (
     conversation_embeddings,
+    conversation_search_indexes,
     conversations,
     conversations_match_sessions,
     embedding_backlog_small,
@@ -20,11 +21,22 @@ from conversation_assets.assets.enrichment import (
     enriched_matches_conversations,
     performance_stats,
 )
-from jobs import discovery_job, embedding_job, metrics_job, performance_stats_job
+from jobs import (
+    discovery_job,
+    embedding_job,
+    metrics_job,
+    performance_stats_job,
+    search_index_job,
+)
 from resources.embeddings import EmbeddingResource
 from resources.postgres import PostgresResource
 from resources.summarizer import SummarizerResource
-from schedules import discovery_schedule, metrics_schedule, performance_stats_schedule
+from schedules import (
+    discovery_schedule,
+    metrics_schedule,
+    performance_stats_schedule,
+    search_index_schedule,
+)
 from sensors import embedding_backlog_sensor, metrics_sensor, new_histories_sensor
 
 postgres = PostgresResource(
@@ -56,6 +68,7 @@ defs = dg.Definitions(
         discovered_sessions,
         conversations,
         conversation_embeddings,
+        conversation_search_indexes,
         enriched_conversations,
         conversation_metrics,
         performance_stats,
@@ -67,8 +80,13 @@ defs = dg.Definitions(
         embedding_backlog_small,
         enriched_matches_conversations,
     ],
-    jobs=[discovery_job, embedding_job, metrics_job, performance_stats_job],
-    schedules=[discovery_schedule, metrics_schedule, performance_stats_schedule],
+    jobs=[discovery_job, embedding_job, metrics_job, performance_stats_job, search_index_job],
+    schedules=[
+        discovery_schedule,
+        metrics_schedule,
+        performance_stats_schedule,
+        search_index_schedule,
+    ],
     sensors=[new_histories_sensor, embedding_backlog_sensor, metrics_sensor],
     resources={"postgres": postgres, "embeddings": embeddings, "summarizer": summarizer},
 )

@@ -36,6 +36,12 @@ SETTINGS: tuple[Setting, ...] = (
         "definitions from loading with an error naming it.",
     ),
     Setting(
+        "SEARCH_INDEX_CRON",
+        "15 2 * * *",
+        "Cron expression (UTC) of `search_index_schedule`, which gives each client with "
+        "10,000 or more vectors an HNSW index of its own. Validated like the one above.",
+    ),
+    Setting(
         "ENABLE_BACKGROUND_JOBS",
         "true",
         "`false` leaves every schedule and sensor stopped by default (start them in "

@@ -2,7 +2,11 @@
 
 import dagster as dg
 
-from conversation_assets.assets.conversations import conversation_embeddings, conversations
+from conversation_assets.assets.conversations import (
+    conversation_embeddings,
+    conversation_search_indexes,
+    conversations,
+)
 from conversation_assets.assets.discovery import discovered_sessions
 from conversation_assets.assets.enrichment import (
     conversation_metrics,
@@ -34,6 +38,13 @@ embedding_job = dg.define_asset_job(
     "embedding_job",
     selection=dg.AssetSelection.assets(conversation_embeddings),
     description="Embed the conversations waiting for a vector (cache first, then the model).",
+)
+
+search_index_job = dg.define_asset_job(
+    "search_index_job",
+    selection=dg.AssetSelection.assets(conversation_search_indexes),
+    description="Build (CONCURRENTLY) or drop the per-client HNSW indexes to match the "
+    "clients' sizes.",
 )
 
 INCREMENTAL_RUN_CONFIG = dg.RunConfig(

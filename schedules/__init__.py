@@ -6,18 +6,28 @@ import dagster as dg
 from dagster._utils.schedules import is_valid_cron_string
 
 from conversation_assets import settings
-from jobs import INCREMENTAL_RUN_CONFIG, discovery_job, metrics_job, performance_stats_job
+from jobs import (
+    INCREMENTAL_RUN_CONFIG,
+    discovery_job,
+    metrics_job,
+    performance_stats_job,
+    search_index_job,
+)
 
 
-def discovery_cron() -> str:
-    """CONVERSATION_DISCOVERY_CRON, validated: a bad value is an error, never a fallback."""
-    value = settings.raw("CONVERSATION_DISCOVERY_CRON")
+def cron_setting(name: str) -> str:
+    """A cron setting, validated: a bad value is an error, never a fallback."""
+    value = settings.raw(name)
     if not is_valid_cron_string(value):
         raise settings.SettingError(
-            f"CONVERSATION_DISCOVERY_CRON={value!r} is not a valid 5-field cron expression "
+            f"{name}={value!r} is not a valid 5-field cron expression "
             "(minute hour day-of-month month day-of-week), e.g. '*/5 * * * *'."
         )
     return value
+
+
+def discovery_cron() -> str:
+    return cron_setting("CONVERSATION_DISCOVERY_CRON")
 
 
 def _default_status() -> dg.DefaultScheduleStatus:
@@ -79,3 +89,20 @@ performance_stats_schedule = dg.build_schedule_from_partitioned_job(
     default_status=_default_status(),
     description="Hourly: replace performance_stats for the hour that just ended.",
 )
+
+
+def build_search_index_schedule() -> dg.ScheduleDefinition:
+    """Daily by default: a client crosses the size threshold slowly, and until its own
+    index is built its searches use the shared one."""
+    return dg.ScheduleDefinition(
+        name="search_index_schedule",
+        cron_schedule=cron_setting("SEARCH_INDEX_CRON"),
+        execution_timezone="UTC",
+        job=search_index_job,
+        default_status=_default_status(),
+        description="Give each client with enough vectors an HNSW index of its own "
+        "(built CONCURRENTLY) and drop those of clients that shrank.",
+    )
+
+
+search_index_schedule = build_search_index_schedule()

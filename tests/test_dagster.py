@@ -14,7 +14,7 @@ from conversation_assets.assets.discovery import (
     discovered_sessions,
     discovered_sessions_match_source,
 )
-from schedules import build_discovery_schedule, discovery_cron
+from schedules import build_discovery_schedule, build_search_index_schedule, discovery_cron
 from sensors import build_new_histories_sensor
 from tests.sources import add_crew, insert
 
@@ -31,6 +31,7 @@ def test_definitions_load_with_the_expected_names():
     assert sorted(key.to_user_string() for key in graph.get_all_asset_keys()) == [
         "conversation_embeddings",
         "conversation_metrics",
+        "conversation_search_indexes",
         "conversations",
         "discovered_sessions",
         "enriched_conversations",
@@ -51,6 +52,8 @@ def test_definitions_load_with_the_expected_names():
     assert defs.resolve_schedule_def("discovery_schedule").cron_schedule == "*/5 * * * *"
     assert defs.resolve_schedule_def("metrics_schedule").cron_schedule == "30 0 * * *"
     assert defs.resolve_schedule_def("performance_stats_schedule").cron_schedule == "5 * * * *"
+    assert defs.resolve_schedule_def("search_index_schedule").cron_schedule == "15 2 * * *"
+    assert defs.resolve_job_def("search_index_job").partitions_def is None
     assert {sensor.name for sensor in defs.sensors or []} == {
         "new_histories_sensor",
         "embedding_backlog_sensor",
@@ -181,11 +184,18 @@ def test_schedule_requests_an_incremental_run_for_the_tick_day(monkeypatch):
 
 
 @pytest.mark.parametrize("value", ["every 5 minutes", "*/5 * * *", "61 * * * *"])
-def test_an_invalid_cron_is_an_error_naming_variable_and_value(monkeypatch, value):
-    monkeypatch.setenv("CONVERSATION_DISCOVERY_CRON", value)
+@pytest.mark.parametrize(
+    ("name", "build"),
+    [
+        ("CONVERSATION_DISCOVERY_CRON", discovery_cron),
+        ("SEARCH_INDEX_CRON", build_search_index_schedule),
+    ],
+)
+def test_an_invalid_cron_is_an_error_naming_variable_and_value(monkeypatch, value, name, build):
+    monkeypatch.setenv(name, value)
     with pytest.raises(settings.SettingError) as error:
-        discovery_cron()
-    assert "CONVERSATION_DISCOVERY_CRON" in str(error.value) and repr(value) in str(error.value)
+        build()
+    assert name in str(error.value) and repr(value) in str(error.value)
 
 
 def test_background_jobs_switch_leaves_schedule_and_sensor_stopped(monkeypatch):

@@ -1,4 +1,5 @@
-"""The ``conversations`` and ``conversation_embeddings`` assets and their checks."""
+"""The ``conversations``, ``conversation_embeddings`` and ``conversation_search_indexes``
+assets and their checks."""
 
 import warnings
 from typing import Any, Literal
@@ -16,6 +17,13 @@ from conversation_assets.embedding import EmbedReport, backlog_size, embed_backl
 from conversation_assets.enrichment import record_pipeline_run
 from conversation_assets.partitions import daily_partitions
 from conversation_assets.queries import query
+from conversation_assets.search_indexes import (
+    BUILD_MEMORY_MB,
+    MAX_INDEXES,
+    MIN_VECTORS,
+    SearchIndexReport,
+    sync_search_indexes,
+)
 from resources.embeddings import EmbeddingResource
 from resources.postgres import PostgresResource
 from resources.summarizer import SummarizerResource
@@ -222,3 +230,60 @@ def embedding_backlog_small(postgres: PostgresResource) -> dg.AssetCheckResult:
         severity=dg.AssetCheckSeverity.WARN,
         metadata={"backlog": waiting},
     )
+
+
+class SearchIndexConfig(dg.Config):
+    min_vectors: int = Field(
+        default=MIN_VECTORS,
+        ge=1,
+        description="A client with this many live vectors gets an HNSW index of its own "
+        "(kept down to half of it).",
+    )
+    max_indexes: int = Field(
+        default=MAX_INDEXES, ge=0, description="At most this many, for the largest clients."
+    )
+    build_memory_mb: int = Field(
+        default=BUILD_MEMORY_MB,
+        ge=64,
+        description="Most maintenance_work_mem given to one build (about 3 KB a 256-d "
+        "vector holds the whole graph in memory; a larger graph builds slower on disk).",
+    )
+
+
+def _search_index_metadata(report: SearchIndexReport) -> dict[str, Any]:
+    covered = report.vectors_covered / report.vectors_total if report.vectors_total else 0.0
+    return {
+        "built_for_clients": dg.MetadataValue.json(report.built),
+        "dropped_indexes": dg.MetadataValue.json(report.dropped),
+        "client_indexes": report.indexes,
+        "vectors_in_client_indexes": report.vectors_covered,
+        "live_vectors": report.vectors_total,
+        "share_in_client_indexes": round(covered, 4),
+        "index_mb": round(report.index_bytes / 2**20, 1),
+        "duration_ms": round(report.seconds * 1000, 1),
+        "skipped": report.skipped_reason or "",
+    }
+
+
+@dg.asset(
+    deps=[conversation_embeddings],
+    kinds={"postgres", "pgvector"},
+    group_name="conversations",
+)
+def conversation_search_indexes(
+    context: dg.AssetExecutionContext, config: SearchIndexConfig, postgres: PostgresResource
+) -> dg.MaterializeResult:
+    """One HNSW index per large client (predicate ``client_code = <client>``), built
+    CONCURRENTLY: a client's semantic search then walks its own vectors only, instead
+    of filtering the shared graph (slow for a client with a small share of the rows)."""
+    with postgres.connection() as conn:
+        report = sync_search_indexes(
+            conn,
+            min_vectors=config.min_vectors,
+            max_indexes=config.max_indexes,
+            build_memory_mb=config.build_memory_mb,
+            progress=context.log.info,
+        )
+    if report.skipped_reason:
+        context.log.warning(f"skipped: {report.skipped_reason}")
+    return dg.MaterializeResult(metadata=_search_index_metadata(report))

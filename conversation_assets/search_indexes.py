@@ -1,0 +1,176 @@
+"""Per-client HNSW indexes: each large client's vectors in a graph of their own.
+
+Searches always run within one client. Through the shared
+``conversations_embedding_hnsw_idx`` a client holding 2% of the rows is found by
+reading about fifty times k candidates and dropping the other clients'; at 1M
+vectors that made the slowest searches (benchmarks/README.md). An index whose
+predicate is ``client_code = '<client>'`` holds that client's vectors only, and
+the planner uses it for that client's searches without any change to the query.
+
+``sync_search_indexes`` keeps one such index for each client with at least
+``min_vectors`` live vectors (the largest ``max_indexes`` of them), builds them
+CONCURRENTLY so writes go on, replaces a build left invalid by an interruption,
+and drops the index of a client that fell under half the threshold (so a client
+hovering at the threshold is not rebuilt daily). Clients under the threshold keep
+the shared index, or are ranked exactly when smaller still (reads.EXACT_BELOW).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable
+from contextlib import suppress
+from dataclasses import dataclass, field
+
+import psycopg
+from psycopg import sql
+
+from conversation_assets.embedding import column_dimension
+from conversation_assets.queries import query
+from conversation_assets.reads import EXACT_BELOW
+
+INDEX_PREFIX = "conversations_client_hnsw_"
+MIN_VECTORS = EXACT_BELOW  # below it a client's search is ranked exactly anyway
+MAX_INDEXES = 100  # every index is one more the planner considers for each query
+BUILD_MEMORY_MB = 1024
+# pgvector builds the graph in maintenance_work_mem; one that outgrows it goes on on
+# disk, several times slower (benchmarks/README.md: 27.7 min against 8.3 at 1M).
+# Measured need: about the vector's bytes plus 2 KB of neighbour lists per element.
+_GRAPH_BYTES_PER_ELEMENT = 2048
+
+
+@dataclass
+class SearchIndexReport:
+    built: list[str] = field(default_factory=list)
+    """Clients whose index was built by this sync."""
+    dropped: list[str] = field(default_factory=list)
+    """Index names dropped: clients that shrank away, and invalid leftovers."""
+    indexes: int = 0
+    """Valid per-client indexes after the sync."""
+    vectors_covered: int = 0
+    """Live vectors that their client's own index serves."""
+    vectors_total: int = 0
+    index_bytes: int = 0
+    """Size of the per-client indexes after the sync."""
+    seconds: float = 0.0
+    skipped_reason: str | None = None
+
+
+def index_name(client_code: str) -> str:
+    """A stable name within PostgreSQL's 63 bytes whatever the client code holds."""
+    digest = hashlib.md5(client_code.encode(), usedforsecurity=False).hexdigest()[:16]
+    return f"{INDEX_PREFIX}{digest}"
+
+
+def _build_memory_mb(vectors: int, dimension: int, cap_mb: int, server_kb: int) -> int:
+    """Room for the whole graph, at most cap_mb, never less than the server's setting."""
+    need_mb = -(-vectors * (dimension * 4 + _GRAPH_BYTES_PER_ELEMENT) // 2**20)
+    return max(min(need_mb, cap_mb), -(-server_kb // 1024))
+
+
+def sync_search_indexes(
+    conn: psycopg.Connection,
+    *,
+    min_vectors: int = MIN_VECTORS,
+    max_indexes: int = MAX_INDEXES,
+    build_memory_mb: int = BUILD_MEMORY_MB,
+    progress: Callable[[str], None] | None = None,
+) -> SearchIndexReport:
+    """Build, replace and drop per-client HNSW indexes to match the clients' sizes.
+
+    ``conn`` must be in autocommit mode (CREATE INDEX CONCURRENTLY runs outside a
+    transaction). A sync already under way elsewhere makes this one skip.
+    """
+    if min_vectors < 1:
+        raise ValueError(f"min_vectors must be at least 1, got {min_vectors}")
+    if max_indexes < 0:
+        raise ValueError(f"max_indexes must be 0 or more, got {max_indexes}")
+    if build_memory_mb < 64:
+        raise ValueError(f"build_memory_mb must be at least 64, got {build_memory_mb}")
+    if not conn.autocommit:
+        raise ValueError("sync_search_indexes needs an autocommit connection")
+    log = progress or (lambda _message: None)
+    started = time.perf_counter()
+    report = SearchIndexReport()
+    locked = conn.execute(query("search_index_lock")).fetchone()
+    if not (locked and locked[0]):
+        report.skipped_reason = "another search index sync is under way"
+        return report
+    try:
+        _sync(conn, report, min_vectors, max_indexes, build_memory_mb, log)
+    finally:
+        conn.execute("RESET maintenance_work_mem")
+        conn.execute("RESET statement_timeout")
+        conn.execute(query("search_index_unlock"))
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _existing(conn: psycopg.Connection) -> dict[str, tuple[bool, int]]:
+    rows = conn.execute(query("search_index_existing"), {"prefix": INDEX_PREFIX}).fetchall()
+    return {name: (valid, size) for name, valid, size in rows}
+
+
+def _sync(
+    conn: psycopg.Connection,
+    report: SearchIndexReport,
+    min_vectors: int,
+    max_indexes: int,
+    build_memory_mb: int,
+    log: Callable[[str], None],
+) -> None:
+    counts: list[tuple[str, int]] = conn.execute(query("search_index_clients")).fetchall()
+    report.vectors_total = sum(vectors for _, vectors in counts)
+    existing = _existing(conn)
+    valid = {name for name, (is_valid, _) in existing.items() if is_valid}
+    # Largest first; a client keeps its index down to half the threshold.
+    eligible = [
+        (client, vectors)
+        for client, vectors in counts
+        if vectors >= min_vectors or (vectors * 2 >= min_vectors and index_name(client) in valid)
+    ][:max_indexes]
+    wanted = {index_name(client): (client, vectors) for client, vectors in eligible}
+
+    for name, (is_valid, _) in existing.items():
+        if name not in wanted or not is_valid:
+            log(f"dropping {name} ({'no longer wanted' if is_valid else 'invalid, rebuilt'})")
+            conn.execute(query("search_index_drop", index=sql.Identifier(name)))
+            report.dropped.append(name)
+
+    to_build = [(name, c, v) for name, (c, v) in wanted.items() if name not in valid]
+    if to_build:
+        dimension = column_dimension(conn)
+        row = conn.execute(
+            "SELECT setting::bigint FROM pg_settings WHERE name = 'maintenance_work_mem'"
+        ).fetchone()
+        server_kb = int(row[0]) if row else 65536
+        # The pool's statement_timeout is for queries; an index build takes minutes.
+        conn.execute("SET statement_timeout = 0")
+    for name, client, vectors in to_build:
+        memory_mb = _build_memory_mb(vectors, dimension, build_memory_mb, server_kb)
+        conn.execute(sql.SQL("SET maintenance_work_mem = {}").format(sql.Literal(f"{memory_mb}MB")))
+        log(f"building {name} for client {client!r}: {vectors:,} vectors, {memory_mb:,} MB")
+        began = time.perf_counter()
+        try:
+            conn.execute(
+                query(
+                    "search_index_create",
+                    index=sql.Identifier(name),
+                    client_code=sql.Literal(client),
+                )
+            )
+        except psycopg.Error:
+            # CONCURRENTLY leaves an invalid index behind (the next sync drops it too).
+            with suppress(psycopg.Error):
+                conn.execute(query("search_index_drop", index=sql.Identifier(name)))
+            raise
+        log(f"built {name} in {time.perf_counter() - began:.1f} s")
+        report.built.append(client)
+
+    final = _existing(conn)
+    report.indexes = sum(1 for is_valid, _ in final.values() if is_valid)
+    report.index_bytes = sum(size for _, size in final.values())
+    report.vectors_covered = sum(
+        vectors for name, (_, vectors) in wanted.items() if final.get(name, (False, 0))[0]
+    )

@@ -1,0 +1,48 @@
+-- Per-client HNSW indexes (conversation_assets/search_indexes.py).
+--
+-- The migration's conversations_embedding_hnsw_idx holds every client's vectors,
+-- so a search within one client walks a graph shared with all the others and
+-- filters: a client holding a small share of the rows reads far past k before
+-- k of its own come up. An index whose predicate names the client holds only its
+-- vectors; the planner picks it by itself for `client_code = <that client>` (the
+-- reads are planned with their parameters), as pgvector's README advises for
+-- filters on a few distinct values.
+
+-- name: search_index_lock
+-- One sync at a time: a second one (an overlapping run) skips instead of
+-- building the same index twice.
+SELECT pg_try_advisory_lock(hashtextextended('conversation_search_indexes', 0));
+
+-- name: search_index_unlock
+SELECT pg_advisory_unlock(hashtextextended('conversation_search_indexes', 0));
+
+-- name: search_index_clients
+-- Each client's live vectors, counted (an index-only scan of
+-- conversations_client_vectors_idx, whose predicate is this WHERE clause).
+SELECT client_code, count(*) AS vectors
+FROM conversations
+WHERE embedding IS NOT NULL AND deleted_at IS NULL
+GROUP BY client_code
+ORDER BY vectors DESC, client_code;
+
+-- name: search_index_existing
+-- The per-client indexes there are, by their name prefix, with whether each is
+-- valid: an interrupted CREATE INDEX CONCURRENTLY leaves an invalid one behind,
+-- which writes still maintain but no query uses.
+SELECT c.relname AS index_name, i.indisvalid AS valid, pg_relation_size(c.oid) AS bytes
+FROM pg_index AS i
+JOIN pg_class AS c ON c.oid = i.indexrelid
+WHERE i.indrelid = 'conversations'::regclass
+  AND starts_with(c.relname, %(prefix)s)
+ORDER BY c.relname;
+
+-- name: search_index_create
+-- The same definition as conversations_embedding_hnsw_idx, for one client's
+-- rows. CONCURRENTLY: writes to conversations go on during the build.
+-- {index} is an Identifier, {client_code} a Literal (a predicate takes no parameter).
+CREATE INDEX CONCURRENTLY {index} ON conversations
+    USING hnsw (embedding vector_cosine_ops)
+    WHERE client_code = {client_code} AND embedding IS NOT NULL;
+
+-- name: search_index_drop
+DROP INDEX CONCURRENTLY IF EXISTS {index};
