@@ -382,9 +382,10 @@ def semantic_search(
 ) -> list[SearchHit]:
     """The client's k live conversations nearest (cosine) to `query_vector`, nearest first.
 
-    Approximate, through the HNSW index, which holds every client's vectors: the
-    scan is iterative, reading on until k rows pass the client's filters or
-    `max_scan_tuples` were read (then fewer than k may come back). A search for
+    Approximate, through the client's own HNSW index when conversation_search_indexes
+    gave it one (the planner picks it), else the shared one, which holds every
+    client's vectors: the scan is iterative, reading on until k rows pass the
+    filters or `max_scan_tuples` were read (then fewer than k may come back). A search for
     one user, or in a client the planner's statistics put under `exact_below`
     rows, ranks those rows exactly through their btree index instead: there the
     filtered HNSW scan would read far past k, and the exact ranking is cheaper.

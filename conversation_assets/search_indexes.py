@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 import psycopg
 from psycopg import sql
 
-from conversation_assets.embedding import column_dimension
 from conversation_assets.queries import query
 from conversation_assets.reads import EXACT_BELOW
 
@@ -63,10 +62,10 @@ def index_name(client_code: str) -> str:
     return f"{INDEX_PREFIX}{digest}"
 
 
-def _build_memory_mb(vectors: int, dimension: int, cap_mb: int, server_kb: int) -> int:
-    """Room for the whole graph, at most cap_mb, never less than the server's setting."""
+def _build_memory_mb(vectors: int, dimension: int, cap_mb: int, session_bytes: int) -> int:
+    """Room for the whole graph, at most cap_mb, never less than the session had."""
     need_mb = -(-vectors * (dimension * 4 + _GRAPH_BYTES_PER_ELEMENT) // 2**20)
-    return max(min(need_mb, cap_mb), -(-server_kb // 1024))
+    return max(min(need_mb, cap_mb), -(-session_bytes // 2**20))
 
 
 def sync_search_indexes(
@@ -97,12 +96,17 @@ def sync_search_indexes(
     if not (locked and locked[0]):
         report.skipped_reason = "another search index sync is under way"
         return report
+    session = conn.execute(query("search_index_session_settings")).fetchone()
+    assert session is not None, "the settings statement returns one row"
     try:
-        _sync(conn, report, min_vectors, max_indexes, build_memory_mb, log)
+        _sync(conn, report, min_vectors, max_indexes, build_memory_mb, session[2:], log)
     finally:
-        conn.execute("RESET maintenance_work_mem")
-        conn.execute("RESET statement_timeout")
-        conn.execute(query("search_index_unlock"))
+        if not conn.broken:  # else the session, its settings and its lock are gone
+            conn.execute(
+                query("search_index_set_session"),
+                {"maintenance_work_mem": session[0], "statement_timeout": session[1]},
+            )
+            conn.execute(query("search_index_unlock"))
     report.seconds = time.perf_counter() - started
     return report
 
@@ -118,6 +122,7 @@ def _sync(
     min_vectors: int,
     max_indexes: int,
     build_memory_mb: int,
+    session: tuple[int, int],
     log: Callable[[str], None],
 ) -> None:
     counts: list[tuple[str, int]] = conn.execute(query("search_index_clients")).fetchall()
@@ -139,17 +144,13 @@ def _sync(
             report.dropped.append(name)
 
     to_build = [(name, c, v) for name, (c, v) in wanted.items() if name not in valid]
-    if to_build:
-        dimension = column_dimension(conn)
-        row = conn.execute(
-            "SELECT setting::bigint FROM pg_settings WHERE name = 'maintenance_work_mem'"
-        ).fetchone()
-        server_kb = int(row[0]) if row else 65536
-        # The pool's statement_timeout is for queries; an index build takes minutes.
-        conn.execute("SET statement_timeout = 0")
+    server_bytes, dimension = session
     for name, client, vectors in to_build:
-        memory_mb = _build_memory_mb(vectors, dimension, build_memory_mb, server_kb)
-        conn.execute(sql.SQL("SET maintenance_work_mem = {}").format(sql.Literal(f"{memory_mb}MB")))
+        memory_mb = _build_memory_mb(vectors, dimension or 0, build_memory_mb, server_bytes)
+        conn.execute(
+            query("search_index_set_session"),
+            {"maintenance_work_mem": f"{memory_mb}MB", "statement_timeout": "0"},
+        )
         log(f"building {name} for client {client!r}: {vectors:,} vectors, {memory_mb:,} MB")
         began = time.perf_counter()
         try:

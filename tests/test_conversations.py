@@ -186,6 +186,37 @@ def test_bad_rows_are_rejected_with_their_reason_and_the_rest_lands(conn):
     )
 
 
+def test_encoding_a_batch_leaves_the_garbage_collector_as_it_found_it(conn):
+    import gc
+
+    def failing_source():
+        yield record("gc2")
+        raise RuntimeError("the source broke mid-batch")
+
+    seen = []
+
+    class Watching(dict):
+        """Metadata that notes, while it is encoded, whether the collector runs."""
+
+        def items(self):
+            seen.append(gc.isenabled())
+            return super().items()
+
+    assert gc.isenabled()
+    upsert_conversations(conn, [record("gc1", metadata=Watching(language="en"))])
+    assert seen == [False] and gc.isenabled()  # paused while encoding, then back on
+    with pytest.raises(RuntimeError, match="mid-batch"):
+        upsert_conversations(conn, failing_source())
+    assert gc.isenabled()  # re-enabled after a failure too
+    gc.disable()
+    try:
+        upsert_conversations(conn, [record("gc3")])
+        assert not gc.isenabled()  # someone else's choice stands
+    finally:
+        gc.enable()
+    assert [r[0] for r in rows(conn)] == ["gc1", "gc3"]
+
+
 def test_a_batch_is_all_or_nothing_when_its_connection_dies(conn, db_url):
     upsert_conversations(conn, [record("s0")])
     batch = [record(f"s{i}", summary="second version") for i in range(200)]

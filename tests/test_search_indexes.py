@@ -138,9 +138,11 @@ def test_settings_are_reset_and_bad_arguments_refused(
     vectors_conn: psycopg.Connection, postgres
 ) -> None:
     with postgres.connection() as pooled:
-        sync_search_indexes(pooled, min_vectors=20)
-        # The connection goes back to the pool with the timeout the pool gave it.
+        pooled.execute("SET maintenance_work_mem = '77MB'")
+        assert sync_search_indexes(pooled, min_vectors=20).indexes == 2
+        # The connection goes back to the pool with the settings it came with.
         assert pooled.execute("SHOW statement_timeout").fetchone() == ("5min",)
+        assert pooled.execute("SHOW maintenance_work_mem").fetchone() == ("77MB",)
     for bad in ({"min_vectors": 0}, {"max_indexes": -1}, {"build_memory_mb": 8}):
         with pytest.raises(ValueError):
             sync_search_indexes(vectors_conn, **bad)  # type: ignore[arg-type]

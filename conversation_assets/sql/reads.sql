@@ -102,8 +102,10 @@ SELECT set_config('enable_indexscan', 'off', true),
 
 -- name: reads_nearest
 -- pgvector's pattern for relaxed order: the top k by cosine distance in a
--- MATERIALIZED CTE (served by conversations_embedding_hnsw_idx, whose predicate
--- `embedding IS NOT NULL` must appear here), re-sorted outside: by `distance + 0`,
+-- MATERIALIZED CTE (served by the client's own HNSW index, whose predicate
+-- `client_code = <client> AND embedding IS NOT NULL` the planner proves from this
+-- WHERE clause, else by conversations_embedding_hnsw_idx, whose predicate
+-- `embedding IS NOT NULL` must appear here too), re-sorted outside: by `distance + 0`,
 -- since PostgreSQL 17+ otherwise takes the CTE's ORDER BY as already done and
 -- would keep the index's relaxed order. {order} is `distance` (HNSW), or
 -- the distance plus 0 to rank the filtered rows exactly (no index can order by it)

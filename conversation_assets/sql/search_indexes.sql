@@ -16,6 +16,21 @@ SELECT pg_try_advisory_lock(hashtextextended('conversation_search_indexes', 0));
 -- name: search_index_unlock
 SELECT pg_advisory_unlock(hashtextextended('conversation_search_indexes', 0));
 
+-- name: search_index_session_settings
+-- What the session had, to give it back after the builds (a pooled connection
+-- returns to the pool with them), and the column's dimension (vector(N)'s N).
+SELECT current_setting('maintenance_work_mem') AS maintenance_work_mem,
+       current_setting('statement_timeout') AS statement_timeout,
+       pg_size_bytes(current_setting('maintenance_work_mem')) AS maintenance_work_mem_bytes,
+       (SELECT a.atttypmod FROM pg_attribute AS a
+        WHERE a.attrelid = 'conversations'::regclass AND a.attname = 'embedding') AS dimension;
+
+-- name: search_index_set_session
+-- An index build takes minutes, past the pool's statement_timeout (made for
+-- queries); pgvector builds the graph in maintenance_work_mem.
+SELECT set_config('maintenance_work_mem', %(maintenance_work_mem)s, false),
+       set_config('statement_timeout', %(statement_timeout)s, false);
+
 -- name: search_index_clients
 -- Each client's live vectors, counted (an index-only scan of
 -- conversations_client_vectors_idx, whose predicate is this WHERE clause).
