@@ -341,7 +341,8 @@ def search(conn: psycopg.Connection, data: list[ConversationRecord], queries: in
     report = sync_search_indexes(conn)
     print(
         f"per-client HNSW indexes (sync_search_indexes, clients with >= {MIN_VECTORS:,} "
-        f"vectors): {report.indexes} built over {report.vectors_covered:,} of "
+        f"vectors): {len(report.built)} built, {report.indexes} in all, over "
+        f"{report.vectors_covered:,} of "
         f"{report.vectors_total:,} vectors in {report.seconds:.1f} s, "
         f"{report.index_bytes / 2**20:,.0f} MB"
     )

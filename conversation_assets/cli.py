@@ -182,7 +182,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_search_indexes(args: argparse.Namespace) -> int:
     """Sync the per-client HNSW indexes now (e.g. right after a bulk load)."""
-    from conversation_assets.search_indexes import sync_search_indexes
+    from conversation_assets.search_indexes import SearchIndexError, sync_search_indexes
 
     given = {
         "min_vectors": args.min_vectors,
@@ -191,20 +191,24 @@ def _cmd_search_indexes(args: argparse.Namespace) -> int:
     }
     url = database_url()
     with psycopg.connect(url, autocommit=True) as conn:
-        report = sync_search_indexes(
-            conn,
-            progress=_say,
-            **{name: value for name, value in given.items() if value is not None},
-        )
+        try:
+            report = sync_search_indexes(
+                conn,
+                progress=_say,
+                **{name: value for name, value in given.items() if value is not None},
+            )
+        except SearchIndexError as error:
+            report = error.report
+            _say(f"ERROR: {error}")
     if report.skipped_reason:
-        _say(f"skipped: {report.skipped_reason}")
-        return 0
+        _say(f"nothing done: {report.skipped_reason}")
+        return 1
     _say(
         f"{report.indexes} client indexes hold {report.vectors_covered:,} of "
         f"{report.vectors_total:,} live vectors ({len(report.built)} built, "
-        f"{len(report.dropped)} dropped, {report.seconds:.1f} s)"
+        f"{len(report.dropped)} dropped, {len(report.failed)} failed, {report.seconds:.1f} s)"
     )
-    return 0
+    return 1 if report.failed else 0
 
 
 # --- dev: dagster dev as a supervised child ----------------------------------------

@@ -10,13 +10,14 @@ import psycopg
 import pytest
 from pgvector.psycopg import register_vector
 
-from conversation_assets import reads
+from conversation_assets import reads, search_indexes
 from conversation_assets.assets.conversations import conversation_search_indexes
 from conversation_assets.search_indexes import INDEX_PREFIX, index_name, sync_search_indexes
 from tests.test_reads import DIM, record, set_vectors, store, unit
 
-# A client code that needs quoting in SQL, to prove the predicate is a literal.
-ODD = "o'brien & co"
+# A client code that needs quoting in SQL (a quote, a newline that would end a
+# comment, a backslash), to prove the predicate is a literal wherever it lands.
+ODD = "o'brien\n& co\\"
 SIZES = {"big": 60, ODD: 30, "small": 5}
 
 
@@ -55,7 +56,8 @@ def test_clients_over_the_threshold_get_their_own_index(vectors_conn: psycopg.Co
     assert set(built) == {index_name("big"), index_name(ODD)}
     definition = built[index_name(ODD)]
     assert "USING hnsw (embedding vector_cosine_ops)" in definition, definition
-    assert "client_code = 'o''brien & co'::text" in definition, definition
+    assert "client_code = 'o''brien\n& co\\'::text" in definition, definition
+    assert "deleted_at IS NULL" in definition, definition
     assert report.index_bytes > 0
 
     # Nothing to do the second time.
@@ -88,10 +90,10 @@ def test_the_largest_clients_first_and_shrunk_ones_dropped(
     assert only_one.built == ["big"] and set(indexes(vectors_conn)) == {index_name("big")}
 
     sync_search_indexes(vectors_conn, min_vectors=20)
-    soft_delete(vectors_conn, ODD, 11)  # 19 left: under 20, over half of it
+    soft_delete(vectors_conn, ODD, 10)  # 20 left: still at the threshold
     kept = sync_search_indexes(vectors_conn, min_vectors=20)
-    assert kept.dropped == [] and kept.indexes == 2  # no rebuild at the threshold
-    soft_delete(vectors_conn, ODD, 10)  # 9 left: under half
+    assert kept.dropped == [] and kept.indexes == 2 and kept.vectors_covered == 80
+    soft_delete(vectors_conn, ODD, 1)  # 19 left: under it, ranked exactly from now on
     shrunk = sync_search_indexes(vectors_conn, min_vectors=20)
     assert shrunk.dropped == [index_name(ODD)]
     assert set(indexes(vectors_conn)) == {index_name("big")}
@@ -134,21 +136,50 @@ def test_an_overlapping_sync_skips(vectors_conn: psycopg.Connection, db_url: str
     assert sync_search_indexes(vectors_conn, min_vectors=20).indexes == 2
 
 
-def test_settings_are_reset_and_bad_arguments_refused(
-    vectors_conn: psycopg.Connection, postgres
+def test_settings_are_given_back_and_bad_arguments_refused(
+    vectors_conn: psycopg.Connection, postgres, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # A graph that needs 601 MB by the estimate (60 x (1 KB + 10 MB)): the build gets
+    # more than the session had, and the session gets its own back.
+    monkeypatch.setattr(search_indexes, "_GRAPH_BYTES_PER_ELEMENT", 10 * 2**20)
+    said: list[str] = []
     with postgres.connection() as pooled:
         pooled.execute("SET maintenance_work_mem = '77MB'")
-        assert sync_search_indexes(pooled, min_vectors=20).indexes == 2
+        report = sync_search_indexes(pooled, min_vectors=60, progress=said.append)
+        assert report.built == ["big"]
+        assert any("60 vectors, 601 MB" in line for line in said), said
         # The connection goes back to the pool with the settings it came with.
         assert pooled.execute("SHOW statement_timeout").fetchone() == ("5min",)
         assert pooled.execute("SHOW maintenance_work_mem").fetchone() == ("77MB",)
     for bad in ({"min_vectors": 0}, {"max_indexes": -1}, {"build_memory_mb": 8}):
         with pytest.raises(ValueError):
             sync_search_indexes(vectors_conn, **bad)  # type: ignore[arg-type]
+    with vectors_conn.transaction(), pytest.raises(ValueError, match="no transaction open"):
+        sync_search_indexes(vectors_conn)
     vectors_conn.autocommit = False
     with pytest.raises(ValueError, match="autocommit"):
         sync_search_indexes(vectors_conn)
+
+
+def test_a_failed_build_lets_the_others_run_and_leaves_nothing_behind(
+    vectors_conn: psycopg.Connection, db_url: str
+) -> None:
+    # Another session holds the lock every build needs; the builds give up after 200 ms.
+    vectors_conn.execute("SET lock_timeout = '200ms'")
+    with psycopg.connect(db_url) as blocker:
+        blocker.execute("LOCK TABLE conversations IN SHARE UPDATE EXCLUSIVE MODE")
+        with pytest.raises(search_indexes.SearchIndexError) as raised:
+            sync_search_indexes(vectors_conn, min_vectors=20)
+        blocker.rollback()
+    report = raised.value.report
+    assert set(report.failed) == {"big", ODD} and report.built == []
+    assert all("lock" in reason for reason in report.failed.values()), report.failed
+    assert indexes(vectors_conn) == {}  # no invalid leftover
+    assert vectors_conn.execute("SHOW statement_timeout").fetchone() == ("0",)  # as it was
+    # The lock was given back: the next sync runs and builds both (waiting as long as
+    # it takes, should autovacuum hold the table's lock a moment).
+    vectors_conn.execute("RESET lock_timeout")
+    assert sorted(sync_search_indexes(vectors_conn, min_vectors=20).built) == sorted(["big", ODD])
 
 
 def test_the_asset_reports_what_it_built(vectors_conn: psycopg.Connection, postgres) -> None:
@@ -164,6 +195,16 @@ def test_the_asset_reports_what_it_built(vectors_conn: psycopg.Connection, postg
     assert metadata["vectors_in_client_indexes"].value == 60
     assert metadata["live_vectors"].value == 95
     assert set(indexes(vectors_conn)) == {index_name("big")}
+
+    # A sync under way elsewhere: the run fails, with no materialization.
+    with psycopg.connect(postgres.database_url, autocommit=True) as other:
+        other.execute("SELECT pg_advisory_lock(hashtextextended('conversation_search_indexes', 0))")
+        skipped = dg.materialize(
+            [conversation_search_indexes], resources={"postgres": postgres}, raise_on_error=False
+        )
+        other.execute("SELECT pg_advisory_unlock_all()")
+    assert not skipped.success
+    assert skipped.asset_materializations_for_node("conversation_search_indexes") == []
 
 
 def test_the_cli_syncs_and_says_what_it_did(
@@ -181,3 +222,17 @@ def test_the_cli_syncs_and_says_what_it_did(
     assert set(indexes(vectors_conn)) == {index_name("big")}
     assert cli.main(["search-indexes", "--max-indexes", "0"]) == 0
     assert "0 client indexes" in capsys.readouterr().out and indexes(vectors_conn) == {}
+
+
+def test_placeholders_in_sql_comments_are_never_filled() -> None:
+    # A value with a newline filled into a comment would end the comment and run.
+    from psycopg import sql
+
+    from conversation_assets.queries import query
+
+    rendered = query(
+        "reads_nearest", columns=sql.SQL("c.id"), order=sql.SQL("distance\nDROP TABLE x")
+    ).as_string(None)
+    comments = [line for line in rendered.splitlines() if line.lstrip().startswith("--")]
+    assert any("{order} is `distance`" in line for line in comments), comments
+    assert rendered.count("DROP TABLE x") == 1  # only where the placeholder is in the SQL

@@ -21,6 +21,7 @@ from conversation_assets.search_indexes import (
     BUILD_MEMORY_MB,
     MAX_INDEXES,
     MIN_VECTORS,
+    SearchIndexError,
     SearchIndexReport,
     sync_search_indexes,
 )
@@ -255,13 +256,13 @@ def _search_index_metadata(report: SearchIndexReport) -> dict[str, Any]:
     return {
         "built_for_clients": dg.MetadataValue.json(report.built),
         "dropped_indexes": dg.MetadataValue.json(report.dropped),
+        "failed_builds": dg.MetadataValue.json(report.failed),
         "client_indexes": report.indexes,
         "vectors_in_client_indexes": report.vectors_covered,
         "live_vectors": report.vectors_total,
         "share_in_client_indexes": round(covered, 4),
         "index_mb": round(report.index_bytes / 2**20, 1),
         "duration_ms": round(report.seconds * 1000, 1),
-        "skipped": report.skipped_reason or "",
     }
 
 
@@ -276,14 +277,20 @@ def conversation_search_indexes(
     """One HNSW index per large client (predicate ``client_code = <client>``), built
     CONCURRENTLY: a client's semantic search then walks its own vectors only, instead
     of filtering the shared graph (slow for a client with a small share of the rows)."""
-    with postgres.connection() as conn:
-        report = sync_search_indexes(
-            conn,
-            min_vectors=config.min_vectors,
-            max_indexes=config.max_indexes,
-            build_memory_mb=config.build_memory_mb,
-            progress=context.log.info,
-        )
+    try:
+        with postgres.connection() as conn:
+            report = sync_search_indexes(
+                conn,
+                min_vectors=config.min_vectors,
+                max_indexes=config.max_indexes,
+                build_memory_mb=config.build_memory_mb,
+                progress=context.log.info,
+            )
+    except SearchIndexError as error:
+        raise dg.Failure(
+            description=str(error), metadata=_search_index_metadata(error.report)
+        ) from error
     if report.skipped_reason:
-        context.log.warning(f"skipped: {report.skipped_reason}")
+        # Nothing was done: not a materialization (the run that holds the lock makes one).
+        raise dg.Failure(description=f"skipped: {report.skipped_reason}")
     return dg.MaterializeResult(metadata=_search_index_metadata(report))

@@ -26,14 +26,15 @@ SELECT current_setting('maintenance_work_mem') AS maintenance_work_mem,
         WHERE a.attrelid = 'conversations'::regclass AND a.attname = 'embedding') AS dimension;
 
 -- name: search_index_set_session
--- An index build takes minutes, past the pool's statement_timeout (made for
--- queries); pgvector builds the graph in maintenance_work_mem.
+-- pgvector builds the graph in maintenance_work_mem; statement_timeout 0 while
+-- the sync drops and builds, then both as they were.
 SELECT set_config('maintenance_work_mem', %(maintenance_work_mem)s, false),
        set_config('statement_timeout', %(statement_timeout)s, false);
 
 -- name: search_index_clients
 -- Each client's live vectors, counted (an index-only scan of
--- conversations_client_vectors_idx, whose predicate is this WHERE clause).
+-- conversations_client_vectors_idx, whose predicate is this WHERE clause and the
+-- per-client indexes' too), largest first.
 SELECT client_code, count(*) AS vectors
 FROM conversations
 WHERE embedding IS NOT NULL AND deleted_at IS NULL
@@ -41,23 +42,24 @@ GROUP BY client_code
 ORDER BY vectors DESC, client_code;
 
 -- name: search_index_existing
--- The per-client indexes there are, by their name prefix, with whether each is
--- valid: an interrupted CREATE INDEX CONCURRENTLY leaves an invalid one behind,
--- which writes still maintain but no query uses.
+-- The per-client indexes there are (by the names this module gives), with
+-- whether each is valid: an interrupted CREATE INDEX CONCURRENTLY leaves an
+-- invalid one behind, which writes still maintain but no query uses.
 SELECT c.relname AS index_name, i.indisvalid AS valid, pg_relation_size(c.oid) AS bytes
 FROM pg_index AS i
 JOIN pg_class AS c ON c.oid = i.indexrelid
 WHERE i.indrelid = 'conversations'::regclass
-  AND starts_with(c.relname, %(prefix)s)
+  AND c.relname ~ %(pattern)s
 ORDER BY c.relname;
 
 -- name: search_index_create
--- The same definition as conversations_embedding_hnsw_idx, for one client's
--- rows. CONCURRENTLY: writes to conversations go on during the build.
--- {index} is an Identifier, {client_code} a Literal (a predicate takes no parameter).
+-- The same definition as conversations_embedding_hnsw_idx, for one client's live
+-- rows (the reads ask for deleted_at IS NULL, so the planner proves the predicate).
+-- CONCURRENTLY: writes to conversations go on during the build. The index name is
+-- an Identifier and the client code a Literal: a predicate takes no parameter.
 CREATE INDEX CONCURRENTLY {index} ON conversations
     USING hnsw (embedding vector_cosine_ops)
-    WHERE client_code = {client_code} AND embedding IS NOT NULL;
+    WHERE client_code = {client_code} AND embedding IS NOT NULL AND deleted_at IS NULL;
 
 -- name: search_index_drop
 DROP INDEX CONCURRENTLY IF EXISTS {index};
