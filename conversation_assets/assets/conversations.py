@@ -237,8 +237,8 @@ class SearchIndexConfig(dg.Config):
     min_vectors: int = Field(
         default=MIN_VECTORS,
         ge=1,
-        description="A client with this many live vectors gets an HNSW index of its own "
-        "(kept down to half of it).",
+        description="A client with this many live vectors gets an HNSW index of its own; "
+        "under it, its index is dropped (reads.EXACT_BELOW ranks such a client exactly).",
     )
     max_indexes: int = Field(
         default=MAX_INDEXES, ge=0, description="At most this many, for the largest clients."
