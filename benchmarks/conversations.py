@@ -38,7 +38,12 @@ from conversation_assets.reads import (
     list_conversations,
     semantic_search,
 )
-from conversation_assets.search_indexes import INDEX_PREFIX, MIN_VECTORS, sync_search_indexes
+from conversation_assets.search_indexes import (
+    INDEX_PREFIX,
+    MIN_VECTORS,
+    graph_memory_mb,
+    sync_search_indexes,
+)
 from conversation_assets.store import (
     ConversationRecord,
     upsert_conversations,
@@ -264,7 +269,7 @@ def embeddings(url: str, conn: psycopg.Connection) -> None:
     started = time.perf_counter()
     # Room for the whole graph (about 3 KB a 256-d vector, 1 GB at least): at 1M a
     # build that outgrows it goes on on disk, 27.7 min with 1 GB against 8.3 with 3 GB.
-    graph_mb = max(1024, -(-report.embedded * 3 // 1024))
+    graph_mb = max(1024, graph_memory_mb(report.embedded, report.dimension))
     conn.execute(sql.SQL("SET maintenance_work_mem = {}").format(sql.Literal(f"{graph_mb}MB")))
     conn.execute(
         "CREATE INDEX conversations_embedding_hnsw_idx ON conversations "

@@ -77,10 +77,15 @@ def index_name(client_code: str) -> str:
     return f"{INDEX_PREFIX}{digest}"
 
 
+def graph_memory_mb(vectors: int, dimension: int) -> int:
+    """maintenance_work_mem that holds an HNSW build's whole graph (about 3 KB a
+    256-d vector), for these builds and for a CREATE INDEX after a bulk load."""
+    return -(-vectors * (max(dimension, 0) * 4 + _GRAPH_BYTES_PER_ELEMENT) // 2**20)
+
+
 def _build_memory_mb(vectors: int, dimension: int, cap_mb: int, session_bytes: int) -> int:
     """Room for the whole graph, at most cap_mb, never less than the session had."""
-    need_mb = -(-vectors * (max(dimension, 0) * 4 + _GRAPH_BYTES_PER_ELEMENT) // 2**20)
-    return max(min(need_mb, cap_mb), -(-session_bytes // 2**20))
+    return max(min(graph_memory_mb(vectors, dimension), cap_mb), -(-session_bytes // 2**20))
 
 
 def sync_search_indexes(
@@ -148,10 +153,10 @@ def _sync(
     min_vectors: int,
     max_indexes: int,
     build_memory_mb: int,
-    session: tuple[str, str, int, int | None],
+    session: tuple[str, str, int],
     log: Callable[[str], None],
 ) -> None:
-    _, _, session_bytes, dimension = session
+    session_bytes = session[2]
     # Drops wait for older transactions and builds take minutes: past the pool's
     # statement_timeout, which is made for queries.
     conn.execute(
@@ -173,6 +178,8 @@ def _sync(
             report.dropped.append(name)
 
     valid = {name for name, (is_valid, _) in existing.items() if is_valid}
+    row = conn.execute(query("embedding_column_dimension")).fetchone()
+    dimension = row[0] if row else None
     for name, (client, vectors) in wanted.items():
         if name in valid:
             continue

@@ -18,12 +18,10 @@ SELECT pg_advisory_unlock(hashtextextended('conversation_search_indexes', 0));
 
 -- name: search_index_session_settings
 -- What the session had, to give it back after the builds (a pooled connection
--- returns to the pool with them), and the column's dimension (vector(N)'s N).
+-- returns to the pool with them).
 SELECT current_setting('maintenance_work_mem') AS maintenance_work_mem,
        current_setting('statement_timeout') AS statement_timeout,
-       pg_size_bytes(current_setting('maintenance_work_mem')) AS maintenance_work_mem_bytes,
-       (SELECT a.atttypmod FROM pg_attribute AS a
-        WHERE a.attrelid = 'conversations'::regclass AND a.attname = 'embedding') AS dimension;
+       pg_size_bytes(current_setting('maintenance_work_mem')) AS maintenance_work_mem_bytes;
 
 -- name: search_index_set_session
 -- pgvector builds the graph in maintenance_work_mem; statement_timeout 0 while
