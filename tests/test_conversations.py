@@ -157,6 +157,7 @@ def test_bad_rows_are_rejected_with_their_reason_and_the_rest_lands(conn):
         record("longchannel", channel="c" * 51),
         record("sentiment", sentiment=3.0),
         record("count", message_count="2"),
+        record("bigcount", message_count=2**32 + 5),  # the binary COPY would store 5
         record("surrogate", summary="\ud800"),
     ]
     report = upsert_conversations(conn, good + bad[:6] + good[:1] + bad[6:])
@@ -175,6 +176,9 @@ def test_bad_rows_are_rejected_with_their_reason_and_the_rest_lands(conn):
     assert reasons["crew/longchannel"] == "channel is longer than 50 characters"
     assert reasons["crew/sentiment"] == "sentiment is outside [-1, 1]"
     assert reasons["crew/count"] == "message_count is not an integer (str)"
+    assert reasons["crew/bigcount"] == (
+        "message_count 4294967301 is out of range for an integer column"
+    )
     assert "surrogate" in reasons["crew/surrogate"]
     assert sorted(r.reason for r in report.rejects) == sorted(reasons.values())
     assert [r[0] for r in rows(conn)] == [f"ok{i}" for i in range(5)]
@@ -184,6 +188,36 @@ def test_bad_rows_are_rejected_with_their_reason_and_the_rest_lands(conn):
     assert "crew/status" not in dict(
         conn.execute("SELECT record_key, reason FROM conversation_rejects")
     )
+
+
+def test_a_batch_refused_by_copy_is_checked_and_written_again_inside_the_callers_transaction(
+    conn,
+):
+    # Texts go unchecked first; a NUL byte or a value that is not text fails that COPY.
+    # The retry must undo only the batch's own attempt, not the caller's earlier work.
+    conn.execute("CREATE TABLE callers_work (n integer)")
+    conn.autocommit = False
+    conn.execute("INSERT INTO callers_work VALUES (1)")
+    report = upsert_conversations(
+        conn,
+        [
+            record("before"),
+            record("nul", summary="a\x00b"),
+            record("nottext", channel=7),
+            record("after"),
+        ],
+    )
+    conn.commit()
+    conn.autocommit = True
+
+    assert (report.inserted, report.rejected) == (2, 2)
+    assert sorted((r.record_key, r.reason) for r in report.rejects) == [
+        ("crew/nottext", "channel is not text (int)"),
+        ("crew/nul", "summary contains a NUL byte"),
+    ]
+    assert [r[0] for r in rows(conn)] == ["after", "before"]
+    assert conn.execute("SELECT count(*) FROM conversation_rejects").fetchone() == (2,)
+    assert conn.execute("SELECT n FROM callers_work").fetchall() == [(1,)]
 
 
 def test_encoding_a_batch_leaves_the_garbage_collector_as_it_found_it(conn):

@@ -18,7 +18,6 @@ CREATE TEMP TABLE IF NOT EXISTS conversation_stage (
     message_count     integer,
     sentiment         real,
     language          text,
-    content_hash      bytea,
     source_updated_at timestamptz,
     created_at        timestamptz,
     last_message_at   timestamptz
@@ -27,8 +26,8 @@ CREATE TEMP TABLE IF NOT EXISTS conversation_stage (
 -- name: copy_conversation_stage
 COPY conversation_stage (
     client_code, crew_code, session_id, user_id, channel, summary, full_conversation,
-    metadata, status, message_count, sentiment, language, content_hash, source_updated_at,
-    created_at, last_message_at)
+    metadata, status, message_count, sentiment, language, source_updated_at, created_at,
+    last_message_at)
 FROM STDIN WITH (FORMAT BINARY);
 
 -- name: reject_staged_conversations
@@ -57,58 +56,64 @@ RETURNING r.record_key, r.reason;
 -- One statement for the batch's good rows. A row is rewritten only when something
 -- in it changed, and never by a build older than the one stored. The product's
 -- statuses (closed, archived) and deletions are kept; a deletion because the
--- source rows were gone is undone now that they are back.
-INSERT INTO conversations AS c (
-    id, client_code, crew_code, session_id, user_id, channel, summary, full_conversation,
-    metadata, status, message_count, sentiment, language, content_hash, source_updated_at,
-    created_at, last_message_at)
-SELECT conversation_id(s.crew_code, s.session_id), s.client_code, s.crew_code, s.session_id,
-       s.user_id, coalesce(s.channel, 'web'), s.summary, s.full_conversation, s.metadata,
-       s.status, s.message_count, s.sentiment, s.language, s.content_hash, s.source_updated_at,
-       -- Times not given keep the stored ones (looked up only then); a new row starts now.
-       coalesce(s.created_at,
-                (SELECT e.created_at FROM conversations AS e
-                 WHERE e.id = conversation_id(s.crew_code, s.session_id)),
-                now()),
-       coalesce(s.last_message_at,
-                (SELECT e.last_message_at FROM conversations AS e
-                 WHERE e.id = conversation_id(s.crew_code, s.session_id)),
-                s.created_at, now())
-FROM conversation_stage AS s
-WHERE conversation_reject_reason(s.client_code, s.crew_code, s.session_id, s.user_id,
-                                 s.channel, s.status, s.message_count, s.sentiment,
-                                 s.metadata) IS NULL
-ON CONFLICT (id) DO UPDATE
-SET client_code = EXCLUDED.client_code,
-    user_id = EXCLUDED.user_id,
-    channel = EXCLUDED.channel,
-    summary = EXCLUDED.summary,
-    full_conversation = EXCLUDED.full_conversation,
-    metadata = EXCLUDED.metadata,
-    status = CASE WHEN c.status IN ('closed', 'archived') THEN c.status
-                  ELSE EXCLUDED.status END,
-    message_count = EXCLUDED.message_count,
-    sentiment = EXCLUDED.sentiment,
-    language = EXCLUDED.language,
-    content_hash = EXCLUDED.content_hash,
-    source_updated_at = EXCLUDED.source_updated_at,
-    created_at = EXCLUDED.created_at,
-    last_message_at = EXCLUDED.last_message_at,
-    deleted_at = CASE WHEN c.deleted_by = 'source' THEN NULL ELSE c.deleted_at END,
-    deleted_by = CASE WHEN c.deleted_by = 'source' THEN NULL ELSE c.deleted_by END
-WHERE (c.source_updated_at IS NULL OR EXCLUDED.source_updated_at IS NULL
-       OR EXCLUDED.source_updated_at >= c.source_updated_at)
-  AND ((c.client_code, c.user_id, c.channel, c.summary, c.full_conversation, c.metadata,
-        c.message_count, c.sentiment, c.language, c.content_hash, c.source_updated_at,
-        c.created_at, c.last_message_at, c.deleted_by IS NOT DISTINCT FROM 'source',
-        c.status IN ('closed', 'archived') OR c.status = EXCLUDED.status)
-       IS DISTINCT FROM
-       (EXCLUDED.client_code, EXCLUDED.user_id, EXCLUDED.channel, EXCLUDED.summary,
-        EXCLUDED.full_conversation, EXCLUDED.metadata, EXCLUDED.message_count,
-        EXCLUDED.sentiment, EXCLUDED.language, EXCLUDED.content_hash,
-        EXCLUDED.source_updated_at, EXCLUDED.created_at, EXCLUDED.last_message_at, false,
-        true))
-RETURNING (c.xmax = 0) AS inserted;
+-- source rows were gone is undone now that they are back. Answers two counts, not
+-- a row per conversation: the client needs only the totals.
+WITH written AS (
+    INSERT INTO conversations AS c (
+        id, client_code, crew_code, session_id, user_id, channel, summary, full_conversation,
+        metadata, status, message_count, sentiment, language, content_hash, source_updated_at,
+        created_at, last_message_at)
+    SELECT conversation_id(s.crew_code, s.session_id), s.client_code, s.crew_code, s.session_id,
+           s.user_id, coalesce(s.channel, 'web'), s.summary, s.full_conversation, s.metadata,
+           s.status, s.message_count, s.sentiment, s.language,
+           -- What the embedding cache and backlog key on: sha256 of the UTF-8 text.
+           sha256(convert_to(coalesce(s.full_conversation, ''), 'UTF8')), s.source_updated_at,
+           -- Times not given keep the stored ones (looked up only then); a new row starts now.
+           coalesce(s.created_at,
+                    (SELECT e.created_at FROM conversations AS e
+                     WHERE e.id = conversation_id(s.crew_code, s.session_id)),
+                    now()),
+           coalesce(s.last_message_at,
+                    (SELECT e.last_message_at FROM conversations AS e
+                     WHERE e.id = conversation_id(s.crew_code, s.session_id)),
+                    s.created_at, now())
+    FROM conversation_stage AS s
+    WHERE conversation_reject_reason(s.client_code, s.crew_code, s.session_id, s.user_id,
+                                     s.channel, s.status, s.message_count, s.sentiment,
+                                     s.metadata) IS NULL
+    ON CONFLICT (id) DO UPDATE
+    SET client_code = EXCLUDED.client_code,
+        user_id = EXCLUDED.user_id,
+        channel = EXCLUDED.channel,
+        summary = EXCLUDED.summary,
+        full_conversation = EXCLUDED.full_conversation,
+        metadata = EXCLUDED.metadata,
+        status = CASE WHEN c.status IN ('closed', 'archived') THEN c.status
+                      ELSE EXCLUDED.status END,
+        message_count = EXCLUDED.message_count,
+        sentiment = EXCLUDED.sentiment,
+        language = EXCLUDED.language,
+        content_hash = EXCLUDED.content_hash,
+        source_updated_at = EXCLUDED.source_updated_at,
+        created_at = EXCLUDED.created_at,
+        last_message_at = EXCLUDED.last_message_at,
+        deleted_at = CASE WHEN c.deleted_by = 'source' THEN NULL ELSE c.deleted_at END,
+        deleted_by = CASE WHEN c.deleted_by = 'source' THEN NULL ELSE c.deleted_by END
+    WHERE (c.source_updated_at IS NULL OR EXCLUDED.source_updated_at IS NULL
+           OR EXCLUDED.source_updated_at >= c.source_updated_at)
+      AND ((c.client_code, c.user_id, c.channel, c.summary, c.full_conversation, c.metadata,
+            c.message_count, c.sentiment, c.language, c.content_hash, c.source_updated_at,
+            c.created_at, c.last_message_at, c.deleted_by IS NOT DISTINCT FROM 'source',
+            c.status IN ('closed', 'archived') OR c.status = EXCLUDED.status)
+           IS DISTINCT FROM
+           (EXCLUDED.client_code, EXCLUDED.user_id, EXCLUDED.channel, EXCLUDED.summary,
+            EXCLUDED.full_conversation, EXCLUDED.metadata, EXCLUDED.message_count,
+            EXCLUDED.sentiment, EXCLUDED.language, EXCLUDED.content_hash,
+            EXCLUDED.source_updated_at, EXCLUDED.created_at, EXCLUDED.last_message_at, false,
+            true))
+    RETURNING (c.xmax = 0) AS inserted
+)
+SELECT count(*) FILTER (WHERE inserted) AS inserted, count(*) AS written FROM written;
 
 -- name: clear_staged_rejects
 -- Records stored now are no longer rejected (skipped when nothing is rejected).
