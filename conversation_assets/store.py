@@ -210,6 +210,8 @@ def record_python_rejects(
 ) -> None:
     if not rejected:
         return
+    # One row per key (the last record's): ON CONFLICT cannot touch a row twice.
+    rejected = list({r.record_key: (r, reason) for r, reason in rejected}.values())
     conn.execute(
         query("record_conversation_rejects"),
         {
@@ -257,45 +259,57 @@ def _collector_paused() -> Iterator[None]:
         gc.enable()
 
 
+class _Encoder:
+    """Formats batches for one connection's COPY, possibly in another thread.
+
+    Make it, and encode its first batch, while the connection is idle: the type
+    adapters are set up then, reading the client encoding from libpq, and reused for
+    every later batch, which can then be encoded while the connection is writing
+    without touching its session. One thread at a time per encoder.
+    """
+
+    def __init__(self, conn: psycopg.Connection) -> None:
+        self._cursor = conn.cursor()
+
+    def encode(self, rows: list[tuple[Any, ...]]) -> bytes:
+        buffer = io.BytesIO()
+        with Copy(self._cursor, binary=True, writer=FileWriter(buffer)) as copy:
+            copy.set_types(_STAGE_TYPES)
+            for row in rows:
+                copy.write_row(row)
+        return buffer.getvalue()
+
+
 def _prepare(
-    conn: psycopg.Connection, records: Iterable[ConversationRecord], *, check_texts: bool = False
+    encoder: _Encoder, records: Iterable[ConversationRecord], *, check_texts: bool = False
 ) -> _Prepared:
     """Check and encode a batch before its connection is needed.
 
     Rows are formatted here, not inside the COPY, so that the writing backend never
     waits on Python between rows: measured on 2 cores, a COPY fed row by row spent
-    about a fifth of each batch's time waiting for the client. `conn` lends only its
-    type adapters; nothing is sent on it.
+    about a fifth of each batch's time waiting for the client.
     """
-    records = list(records)
     with _collector_paused():
-        rows, python_rejects = _rows(records, check_texts)
+        records = list(records)
         try:
-            data = _encode(conn, rows) if rows else b""
+            rows, python_rejects = _rows(records, check_texts)
+            data = encoder.encode(rows) if rows else b""
         except (ValueError, TypeError):
-            # A lone surrogate or a value that is not text, refused by the encoder.
+            # A key that cannot be hashed, a lone surrogate or a value that is not
+            # text: found by the checks, which report it with its field.
             if check_texts:
                 raise
-            return _prepare(conn, records, check_texts=True)
+            return _prepare(encoder, records, check_texts=True)
     return _Prepared(data, len(rows), python_rejects, records, check_texts)
-
-
-def _encode(conn: psycopg.Connection, rows: list[tuple[Any, ...]]) -> bytes:
-    buffer = io.BytesIO()
-    with Copy(conn.cursor(), binary=True, writer=FileWriter(buffer)) as copy:
-        copy.set_types(_STAGE_TYPES)
-        for row in rows:
-            copy.write_row(row)
-    return buffer.getvalue()
 
 
 def _rows(
     records: list[ConversationRecord], check_texts: bool
 ) -> tuple[list[tuple[Any, ...]], list[tuple[ConversationRecord, str]]]:
-    rows: dict[tuple[Any, Any], tuple[Any, ...]] = {}
+    rows: list[tuple[Any, ...]] = []
     python_rejects: list[tuple[ConversationRecord, str]] = []
     check = _copy_problem if check_texts else _number_problem
-    for record in records:
+    for record in _last_per_session(records):
         problem = check(record)
         metadata = None
         if problem is None:
@@ -303,24 +317,39 @@ def _rows(
         if problem is not None:
             python_rejects.append((record, problem))
             continue
-        rows[(record.crew_code, record.session_id)] = (
-            record.client_code,
-            record.crew_code,
-            record.session_id,
-            record.user_id,
-            record.channel,
-            record.summary,
-            record.full_conversation,
-            Jsonb(metadata, dumps=_already_json),
-            record.status,
-            record.message_count,
-            record.sentiment,
-            record.language,
-            record.source_updated_at,
-            record.created_at,
-            record.last_message_at,
+        rows.append(
+            (
+                record.client_code,
+                record.crew_code,
+                record.session_id,
+                record.user_id,
+                record.channel,
+                record.summary,
+                record.full_conversation,
+                Jsonb(metadata, dumps=_already_json),
+                record.status,
+                record.message_count,
+                record.sentiment,
+                record.language,
+                record.source_updated_at,
+                record.created_at,
+                record.last_message_at,
+            )
         )
-    return list(rows.values()), python_rejects
+    return rows, python_rejects
+
+
+def _last_per_session(records: list[ConversationRecord]) -> Iterable[ConversationRecord]:
+    """Two records for one session: only the last counts, whether stored or rejected."""
+    latest: dict[Any, ConversationRecord] = {}
+    for record in records:
+        key: Any = (record.crew_code, record.session_id)
+        try:
+            latest.pop(key, None)
+        except TypeError:  # a key that is not text: rejected by the checks
+            key = id(record)
+        latest[key] = record
+    return latest.values()
 
 
 class _TextsRefused(Exception):
@@ -332,7 +361,8 @@ def _write(conn: psycopg.Connection, batch: _Prepared, source: str) -> UpsertRep
         return _write_batch(conn, batch, source)
     except _TextsRefused:
         # Rolled back whole; now every record is checked and the bad ones rejected.
-        return _write_batch(conn, _prepare(conn, batch.records, check_texts=True), source)
+        # In the connection's own thread: a new encoder is safe here.
+        return _write_batch(conn, _prepare(_Encoder(conn), batch.records, check_texts=True), source)
 
 
 def _write_batch(conn: psycopg.Connection, batch: _Prepared, source: str) -> UpsertReport:
@@ -376,7 +406,7 @@ def upsert_conversations(
     (and are listed in the report); a record stored now clears its earlier
     reject. Two records for the same session: the last one wins.
     """
-    return _write(conn, _prepare(conn, records), source)
+    return _write(conn, _prepare(_Encoder(conn), records), source)
 
 
 def upsert_conversations_in_batches(
@@ -414,15 +444,16 @@ def _upsert_serial(
     report = UpsertReport()
     remaining = iter(records)
     chunks = iter(lambda: list(itertools.islice(remaining, batch_size)), [])
+    encoder = _Encoder(conn)  # its first batch is encoded before the first write
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="upsert-prepare") as worker:
         pending = None
         first = next(chunks, None)
         if first is not None:
-            pending = worker.submit(_prepare, conn, first)
+            pending = worker.submit(_prepare, encoder, first)
         while pending is not None:
             batch = pending.result()
             following = next(chunks, None)
-            pending = worker.submit(_prepare, conn, following) if following is not None else None
+            pending = worker.submit(_prepare, encoder, following) if following is not None else None
             report.add(_write(conn, batch, source))
     return report
 
@@ -461,7 +492,7 @@ def _upsert_parallel(
 
     def send(lane: int) -> None:
         # Checked and encoded here, while the lanes' connections wait on the database.
-        batch = _prepare(lane_connections[lane], lanes[lane])
+        batch = _prepare(encoders[lane], lanes[lane])
         lanes[lane] = []
         # At most two batches per lane in memory: one writing, one waiting.
         while len(in_flight[lane]) >= 2:
@@ -472,6 +503,8 @@ def _upsert_parallel(
 
     try:
         lane_connections = [connections.enter_context(pool.connection()) for _ in range(workers)]
+        # Each lane's first batch is encoded before anything is sent on its connection.
+        encoders = [_Encoder(conn) for conn in lane_connections]
         for record in records:
             lane = _route(record, workers)
             lanes[lane].append(record)

@@ -102,6 +102,9 @@ def test_embedded_restart_keeps_data(tmp_path: Path) -> None:
     finally:
         first.stop()
     assert not (data_dir / "postmaster.pid").exists(), "stop() left PostgreSQL running"
+    # A directory made before the settings existed gets them at its next start.
+    conf = data_dir / "postgresql.conf"
+    conf.write_text(conf.read_text().split("\n# conversation_assets.embedded")[0])
 
     second = start_embedded(data_dir, cleanup_mode="delete")
     try:

@@ -193,8 +193,9 @@ def test_bad_rows_are_rejected_with_their_reason_and_the_rest_lands(conn):
 def test_a_batch_refused_by_copy_is_checked_and_written_again_inside_the_callers_transaction(
     conn,
 ):
-    # Texts go unchecked first; a NUL byte or a value that is not text fails that COPY.
-    # The retry must undo only the batch's own attempt, not the caller's earlier work.
+    # Texts go unchecked first; a NUL byte passes the encoder and fails the COPY. The
+    # retry must undo only the batch's own attempt (a savepoint here), not the
+    # caller's earlier work, and record its Python rejects once.
     conn.execute("CREATE TABLE callers_work (n integer)")
     conn.autocommit = False
     conn.execute("INSERT INTO callers_work VALUES (1)")
@@ -203,7 +204,7 @@ def test_a_batch_refused_by_copy_is_checked_and_written_again_inside_the_callers
         [
             record("before"),
             record("nul", summary="a\x00b"),
-            record("nottext", channel=7),
+            record("badmeta", metadata={"x": float("inf")}),
             record("after"),
         ],
     )
@@ -211,13 +212,50 @@ def test_a_batch_refused_by_copy_is_checked_and_written_again_inside_the_callers
     conn.autocommit = True
 
     assert (report.inserted, report.rejected) == (2, 2)
-    assert sorted((r.record_key, r.reason) for r in report.rejects) == [
-        ("crew/nottext", "channel is not text (int)"),
-        ("crew/nul", "summary contains a NUL byte"),
-    ]
+    assert sorted(r.record_key for r in report.rejects) == ["crew/badmeta", "crew/nul"]
     assert [r[0] for r in rows(conn)] == ["after", "before"]
-    assert conn.execute("SELECT count(*) FROM conversation_rejects").fetchone() == (2,)
+    reasons = dict(conn.execute("SELECT record_key, reason FROM conversation_rejects"))
+    assert reasons["crew/nul"] == "summary contains a NUL byte"
+    assert reasons["crew/badmeta"].startswith("metadata is not JSON")
+    assert len(reasons) == 2
     assert conn.execute("SELECT n FROM callers_work").fetchall() == [(1,)]
+
+
+def test_values_the_encoder_refuses_are_rejected_with_their_field(conn):
+    report = upsert_conversations(
+        conn,
+        [
+            record("ok1"),
+            record("nottext", channel=7),
+            record("surrogate", user_id="u\udc80"),
+            record("listcrew", crew_code=["crew"]),  # cannot even key the batch
+            record("ok2"),
+        ],
+    )
+    assert report.inserted == 2
+    reasons = {r.record_key: r.reason for r in report.rejects}
+    assert reasons["crew/nottext"] == "channel is not text (int)"
+    assert "surrogate" in reasons["crew/surrogate"]
+    assert [reason for key, reason in reasons.items() if key.startswith("sha256:")] == [
+        "crew_code is not text (list)"
+    ]
+    assert [r[0] for r in rows(conn)] == ["ok1", "ok2"]
+
+
+def test_two_rejected_records_of_one_session_leave_one_reject(conn):
+    # The rejects table holds one row a record key; the last record's reason wins.
+    report = upsert_conversations(
+        conn,
+        [
+            record("twice", metadata=["not", "json", "object"]),
+            record("twice", metadata={"x": float("nan")}),
+            record("twice", summary="a\x00b"),
+        ],
+    )
+    assert report.inserted == 0
+    reasons = dict(conn.execute("SELECT record_key, reason FROM conversation_rejects"))
+    assert list(reasons) == ["crew/twice"]
+    assert reasons["crew/twice"] == "summary contains a NUL byte"
 
 
 def test_encoding_a_batch_leaves_the_garbage_collector_as_it_found_it(conn):
