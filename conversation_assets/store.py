@@ -295,8 +295,8 @@ def _prepare(
             rows, python_rejects = _rows(records, check_texts)
             data = encoder.encode(rows) if rows else b""
         except (ValueError, TypeError):
-            # A key that cannot be hashed, a lone surrogate or a value that is not
-            # text: found by the checks, which report it with its field.
+            # A lone surrogate or a value that is not text (a key included): the
+            # checks find it and reject it with its field.
             if check_texts:
                 raise
             return _prepare(encoder, records, check_texts=True)
