@@ -343,12 +343,10 @@ def _last_per_session(records: list[ConversationRecord]) -> Iterable[Conversatio
     """Two records for one session: only the last counts, whether stored or rejected."""
     latest: dict[Any, ConversationRecord] = {}
     for record in records:
-        key: Any = (record.crew_code, record.session_id)
         try:
-            latest.pop(key, None)
+            latest[(record.crew_code, record.session_id)] = record
         except TypeError:  # a key that is not text: rejected by the checks
-            key = id(record)
-        latest[key] = record
+            latest[id(record)] = record
     return latest.values()
 
 

@@ -241,6 +241,13 @@ def test_values_the_encoder_refuses_are_rejected_with_their_field(conn):
     ]
     assert [r[0] for r in rows(conn)] == ["ok1", "ok2"]
 
+    # Two such records alike share a record key (a hash of the record): one reject row.
+    twins = [record("listcrew", crew_code=["crew"]), record("listcrew", crew_code=["crew"])]
+    assert upsert_conversations(conn, twins).rejected == 2
+    assert conn.execute(
+        "SELECT count(*) FROM conversation_rejects WHERE reason = 'crew_code is not text (list)'"
+    ).fetchone() == (1,)
+
 
 def test_two_rejected_records_of_one_session_leave_one_reject(conn):
     # The rejects table holds one row a record key; the last record's reason wins.
