@@ -12,8 +12,10 @@ The text fields are encoded unchecked first. A lone surrogate or a value that is
 not text stops the encoding, and a NUL byte fails the COPY, which leaves nothing
 behind; either way the batch is then checked record by record and written again.
 Clean batches, nearly all of them, skip a scan of every text in Python. The
-content hash (`content_hash`, what the embedding cache keys on) is computed by
-the upsert in PostgreSQL.
+content hash (`content_hash`, what the embedding cache keys on) is computed here,
+not by the upsert: Python's sha256 (OpenSSL) costs about 1.5 us a transcript, and
+PostgreSQL's own, in a server built without OpenSSL such as the embedded one, was
+the most expensive single step of the upsert (benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ import io
 import itertools
 import json
 import operator
+import os
+import socket
 import uuid
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
@@ -33,9 +37,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+import orjson
 import psycopg
 from psycopg.copy import Copy, FileWriter
-from psycopg.types.json import Jsonb
+from psycopg.types.string import BytesBinaryDumper
 from psycopg_pool import ConnectionPool
 
 from conversation_assets.queries import query
@@ -56,17 +61,39 @@ _text_fields = operator.attrgetter(*_TEXT_FIELDS)  # one C call, not nine getatt
 # Column types of the binary COPY into conversation_stage, in its column order.
 _STAGE_TYPES = (
     *("text",) * 7,
-    "jsonb",
+    "bytea",  # the metadata, already in jsonb's binary form (_metadata_json)
     "text",
     "int4",
     "float4",
     "text",
+    "bytea",
     *("timestamptz",) * 3,
 )
 _INT4 = range(-(2**31), 2**31)  # the binary COPY would wrap a larger message_count
 _EXCERPT_CHARS = 500
+# What a local connection's socket may hold unsent: most of a 5,000-row batch's COPY.
+_COPY_SEND_BUFFER = 4 * 2**20
 # One encoder for every record: json.dumps with options builds a new one per call.
 _JSON = json.JSONEncoder(ensure_ascii=False, allow_nan=False)
+_sha256 = hashlib.sha256
+# orjson leaves these to json (see _metadata_json), which writes them its own way.
+_ORJSON_AS_JSON = (
+    orjson.OPT_PASSTHROUGH_DATACLASS
+    | orjson.OPT_PASSTHROUGH_DATETIME
+    | orjson.OPT_PASSTHROUGH_SUBCLASS
+)
+# A binary COPY field for a jsonb column: the format version, then the JSON text.
+_JSONB_VERSION = b"\x01"
+_NUL_IN_METADATA = "metadata contains a NUL character (PostgreSQL's jsonb cannot hold it)"
+
+
+def content_hash(text: str | None) -> bytes:
+    """What the embedding cache and backlog key on: sha256 of the UTF-8 text ("" for None).
+
+    `str.encode` raises TypeError, not AttributeError, for a value that is not text,
+    so an unchecked batch holding one is checked and the record rejected.
+    """
+    return _sha256(str.encode("" if text is None else text)).digest()
 
 
 def conversation_id(crew_code: str, session_id: str) -> uuid.UUID:
@@ -171,24 +198,38 @@ def _number_problem(record: ConversationRecord) -> str | None:
     return None
 
 
-def _metadata_json(record: ConversationRecord) -> tuple[str | None, str | None]:
-    """The metadata as JSON text once (COPY sends it as is), or why it cannot be."""
+def _metadata_json(record: ConversationRecord) -> tuple[bytes | None, str | None]:
+    """The metadata as jsonb's binary COPY field (version 1, then the JSON), or why not.
+
+    orjson writes it in about a tenth of json's time. Where the two could disagree,
+    json decides: orjson refuses what it does not write the way json would (keys that
+    are not text, subclasses of dict, list, str and int, dates, integers past 64
+    bits, lone surrogates), and it writes NaN and infinities as null where json
+    refuses them, so output holding a null is written again by json. One difference
+    stays: a UUID, which json refuses, is written as its text.
+    """
+    try:
+        data = orjson.dumps(record.metadata, option=_ORJSON_AS_JSON)
+    except TypeError:
+        data = None
+    if data is None or b"null" in data:
+        return _metadata_json_slowly(record)
+    if b"\\u0000" in data:
+        return None, _NUL_IN_METADATA
+    return _JSONB_VERSION + data, None
+
+
+def _metadata_json_slowly(record: ConversationRecord) -> tuple[bytes | None, str | None]:
     try:
         text = _JSON.encode(record.metadata)
-    except (TypeError, ValueError) as error:
+    except (TypeError, ValueError, RecursionError) as error:
         return None, f"metadata is not JSON: {error}"
     if "\\u0000" in text:
-        return None, "metadata contains a NUL character (PostgreSQL's jsonb cannot hold it)"
-    if not text.isascii():
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            return None, "metadata is not valid UTF-8 (a lone surrogate)"
-    return text, None
-
-
-def _already_json(text: str) -> str:
-    return text
+        return None, _NUL_IN_METADATA
+    try:
+        return _JSONB_VERSION + text.encode("utf-8"), None
+    except UnicodeEncodeError:
+        return None, "metadata is not valid UTF-8 (a lone surrogate)"
 
 
 def _excerpt(record: ConversationRecord) -> str:
@@ -239,15 +280,19 @@ class _Prepared:
 
 @contextmanager
 def _collector_paused() -> Iterator[None]:
-    """No cyclic garbage collection while a batch is encoded.
+    """No cyclic garbage collection while a batch is encoded, or a bulk load runs.
 
-    The loop allocates a few tracked objects per record, so the collector runs every
+    Encoding allocates a few tracked objects per record, so the collector runs every
     few hundred records, and its full passes walk every object the caller holds (a
     bulk load's whole input): measured at 100,000 records, 14.1-17.5 us a record with
-    it, 11.4 without. The loop makes no cycles; the collector catches up afterwards.
-    The switch is process-wide: during a bulk load, whose next batch is encoded while
-    the last one is written, the collector is off in every thread most of the time.
-    Left off if something else had switched it off.
+    it, 11.4 without. Paused only around each batch's encoding, a bulk load still
+    spent a tenth of its time in collections right after each pause (one full pass
+    over 200,000 held records took 335-433 ms); paused for the whole load, Python's
+    CPU fell from 20 to 16 us a record (benchmarks/README.md). The writes make no
+    cycles; the collector catches up afterwards. The switch is process-wide: other
+    threads keep freeing what they drop, only their reference cycles wait for the
+    end of the load. Left off if something else had switched it off (a concurrent
+    load included: the first to start switches it back on when it ends).
     """
     if not gc.isenabled():
         yield
@@ -270,6 +315,11 @@ class _Encoder:
 
     def __init__(self, conn: psycopg.Connection) -> None:
         self._cursor = conn.cursor()
+        # bytea fields (the metadata, the content hash) through psycopg's C bytes
+        # dumper: the one registered last for bytea, which set_types would pick,
+        # is the DB-API Binary wrapper's, a Python call per field.
+        self._cursor.adapters.register_dumper(bytes, BytesBinaryDumper)
+        _widen_send_buffer(conn)
 
     def encode(self, rows: list[tuple[Any, ...]]) -> bytes:
         buffer = io.BytesIO()
@@ -278,6 +328,27 @@ class _Encoder:
             for row in rows:
                 copy.write_row(row)
         return buffer.getvalue()
+
+
+def _widen_send_buffer(conn: psycopg.Connection) -> None:
+    """Let a Unix socket take a batch's COPY in a few writes instead of dozens.
+
+    A Unix socket holds about 200 KB unsent by default, so a 5 MB COPY went out in
+    some 25 pieces, each sent by a thread that had to take the GIL back from the one
+    encoding the next batch first; the backend waited meanwhile. With 4 MB the COPY
+    phase of a batch took half as long (benchmarks/README.md). The kernel caps the
+    size at net.core.wmem_max. TCP sockets are left alone: their buffer grows by
+    itself, and setting one would stop that.
+    """
+    try:
+        sock = socket.socket(fileno=os.dup(conn.fileno()))
+    except OSError:  # no socket we can look at (a platform without fd sockets)
+        return
+    with sock:  # closes the duplicate only
+        if sock.family != getattr(socket, "AF_UNIX", None):
+            return
+        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) < _COPY_SEND_BUFFER:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _COPY_SEND_BUFFER)
 
 
 def _prepare(
@@ -326,11 +397,12 @@ def _rows(
                 record.channel,
                 record.summary,
                 record.full_conversation,
-                Jsonb(metadata, dumps=_already_json),
+                metadata,
                 record.status,
                 record.message_count,
                 record.sentiment,
                 record.language,
+                content_hash(record.full_conversation),
                 record.source_updated_at,
                 record.created_at,
                 record.last_message_at,
@@ -385,7 +457,6 @@ def _write_batch(conn: psycopg.Connection, batch: _Prepared, source: str) -> Ups
                 query("reject_staged_conversations"), {"source": source}
             ).fetchall()
             inserted, written = cur.execute(query("upsert_staged_conversations")).fetchone()
-            cur.execute(query("clear_staged_rejects"))
         if nested:
             conn.execute("TRUNCATE conversation_stage")
     report.inserted = inserted
@@ -425,15 +496,17 @@ def upsert_conversations_in_batches(
     ever wait on the same row. Batches commit independently. If one fails, nothing
     more is sent and, once the batches being written have finished,
     `BulkUpsertError` is raised with the report of those that committed. The pool
-    must be able to lend `workers` connections at once.
+    must be able to lend `workers` connections at once. Python's cyclic garbage
+    collector is paused while the load runs (`_collector_paused` says why).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    if isinstance(target, psycopg.Connection):
-        return _upsert_serial(target, records, batch_size, source)
     if workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
-    return _upsert_parallel(target, records, batch_size, workers, source)
+    with _collector_paused():
+        if isinstance(target, psycopg.Connection):
+            return _upsert_serial(target, records, batch_size, source)
+        return _upsert_parallel(target, records, batch_size, workers, source)
 
 
 def _upsert_serial(

@@ -1,10 +1,14 @@
 """Conversations: schema, bulk writes and rejects, the builder, embeddings, the assets."""
 
+import hashlib
 import json
+import os
 import random
+import socket
 import threading
 import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import dagster as dg
 import numpy as np
@@ -227,6 +231,7 @@ def test_values_the_encoder_refuses_are_rejected_with_their_field(conn):
         [
             record("ok1"),
             record("nottext", channel=7),
+            record("intranscript", full_conversation=5),  # hashed before any check
             record("surrogate", user_id="u\udc80"),
             record("listcrew", crew_code=["crew"]),  # cannot even key the batch
             record("ok2"),
@@ -235,6 +240,7 @@ def test_values_the_encoder_refuses_are_rejected_with_their_field(conn):
     assert report.inserted == 2
     reasons = {r.record_key: r.reason for r in report.rejects}
     assert reasons["crew/nottext"] == "channel is not text (int)"
+    assert reasons["crew/intranscript"] == "full_conversation is not text (int)"
     assert "surrogate" in reasons["crew/surrogate"]
     assert [reason for key, reason in reasons.items() if key.startswith("sha256:")] == [
         "crew_code is not text (list)"
@@ -247,6 +253,47 @@ def test_values_the_encoder_refuses_are_rejected_with_their_field(conn):
     assert conn.execute(
         "SELECT count(*) FROM conversation_rejects WHERE reason = 'crew_code is not text (list)'"
     ).fetchone() == (1,)
+
+
+def test_the_content_hash_is_the_sha256_of_the_transcript_and_rejects_show_the_record(conn):
+    # The embedding cache and backlog key on it: sha256 of the UTF-8 text, "" for none.
+    texts = {"plain": "User: hi", "accents": "Usuário: olá 👋", "none": None, "empty": ""}
+    upsert_conversations(
+        conn, [record(name, full_conversation=text) for name, text in texts.items()]
+    )
+    stored = dict(conn.execute("SELECT session_id, content_hash FROM conversations"))
+    assert stored == {
+        name: hashlib.sha256((text or "").encode("utf-8")).digest() for name, text in texts.items()
+    }
+
+    # A record refused in SQL is kept as readable JSON of what was sent (no hash).
+    upsert_conversations(conn, [record("badstatus", status="gone", summary="a summary")])
+    (excerpt,) = conn.execute(
+        "SELECT record_excerpt FROM conversation_rejects WHERE record_key = 'crew/badstatus'"
+    ).fetchone()
+    sent = json.loads(excerpt)
+    assert (sent["status"], sent["summary"], sent["session_id"]) == (
+        "gone",
+        "a summary",
+        "badstatus",
+    )
+    assert "content_hash" not in sent
+
+
+def test_a_local_connection_takes_a_batch_in_few_writes(conn):
+    # A Unix socket's default send buffer (~200 KB) split each 5 MB COPY into some 25
+    # writes, each waiting for the GIL; bulk writes widen it (up to the kernel's cap).
+    sock = socket.socket(fileno=os.dup(conn.fileno()))
+    with sock:
+        if sock.family != socket.AF_UNIX:
+            pytest.skip("the widening is for Unix sockets; this server is reached by TCP")
+        before = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+        upsert_conversations(conn, [record("one")])
+        after = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+    cap = Path("/proc/sys/net/core/wmem_max")
+    if cap.exists():  # Linux doubles what is asked, capped at twice wmem_max
+        assert after == 2 * min(4 * 2**20, int(cap.read_text()))
+    assert after > before
 
 
 def test_two_rejected_records_of_one_session_leave_one_reject(conn):
@@ -294,6 +341,31 @@ def test_encoding_a_batch_leaves_the_garbage_collector_as_it_found_it(conn):
     finally:
         gc.enable()
     assert [r[0] for r in rows(conn)] == ["gc1", "gc3"]
+
+
+def test_a_bulk_load_pauses_the_garbage_collector_until_it_ends(conn, postgres):
+    # Paused only around each batch's encoding, full collections over the caller's
+    # records ran between batches; the whole load runs without them.
+    import gc
+
+    seen = []
+
+    def source(prefix):
+        for i in range(7):
+            seen.append(gc.isenabled())  # read between and during batches
+            yield record(f"{prefix}{i}")
+
+    upsert_conversations_in_batches(postgres.pool, source("p"), batch_size=2)
+    upsert_conversations_in_batches(conn, source("c"), batch_size=2)
+    assert seen == [False] * 14 and gc.isenabled()
+
+    def failing():
+        yield record("f1")
+        raise RuntimeError("the source broke mid-load")
+
+    with pytest.raises(BulkUpsertError, match="mid-load"):
+        upsert_conversations_in_batches(postgres.pool, failing(), batch_size=1)
+    assert gc.isenabled()
 
 
 def test_a_batch_is_all_or_nothing_when_its_connection_dies(conn, db_url):

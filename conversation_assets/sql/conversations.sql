@@ -18,6 +18,7 @@ CREATE TEMP TABLE IF NOT EXISTS conversation_stage (
     message_count     integer,
     sentiment         real,
     language          text,
+    content_hash      bytea,
     source_updated_at timestamptz,
     created_at        timestamptz,
     last_message_at   timestamptz
@@ -26,26 +27,32 @@ CREATE TEMP TABLE IF NOT EXISTS conversation_stage (
 -- name: copy_conversation_stage
 COPY conversation_stage (
     client_code, crew_code, session_id, user_id, channel, summary, full_conversation,
-    metadata, status, message_count, sentiment, language, source_updated_at, created_at,
-    last_message_at)
+    metadata, status, message_count, sentiment, language, content_hash, source_updated_at,
+    created_at, last_message_at)
 FROM STDIN WITH (FORMAT BINARY);
 
 -- name: reject_staged_conversations
--- Staged rows that fail conversation_reject_reason go to the rejects, with it.
+-- Staged rows that fail conversation_reject_reason leave the stage for the rejects,
+-- with it: the upsert and the clearing below then take every row left without
+-- checking it again.
+WITH refused AS (
+    DELETE FROM conversation_stage AS s
+    WHERE conversation_reject_reason(s.client_code, s.crew_code, s.session_id, s.user_id,
+                                     s.channel, s.status, s.message_count, s.sentiment,
+                                     s.metadata) IS NOT NULL
+    RETURNING s.client_code, s.crew_code, s.session_id,
+              conversation_reject_reason(s.client_code, s.crew_code, s.session_id, s.user_id,
+                                         s.channel, s.status, s.message_count, s.sentiment,
+                                         s.metadata) AS reason,
+              (to_jsonb(s) - 'content_hash')::text AS row_text
+)
 INSERT INTO conversation_rejects AS r (
     record_key, client_code, crew_code, session_id, source, reason, record_excerpt)
 SELECT CASE WHEN k.crew_code IS NOT NULL AND k.session_id IS NOT NULL
             THEN left(k.crew_code || '/' || k.session_id, 600)
             ELSE 'sha256:' || encode(sha256(convert_to(k.row_text, 'UTF8')), 'hex') END,
        k.client_code, k.crew_code, k.session_id, %(source)s, k.reason, left(k.row_text, 500)
-FROM (
-    SELECT s.*, row_to_json(s)::text AS row_text,
-           conversation_reject_reason(s.client_code, s.crew_code, s.session_id, s.user_id,
-                                      s.channel, s.status, s.message_count, s.sentiment,
-                                      s.metadata) AS reason
-    FROM conversation_stage AS s
-) AS k
-WHERE k.reason IS NOT NULL
+FROM refused AS k
 ON CONFLICT (record_key) DO UPDATE
 SET client_code = EXCLUDED.client_code, crew_code = EXCLUDED.crew_code,
     session_id = EXCLUDED.session_id, source = EXCLUDED.source, reason = EXCLUDED.reason,
@@ -53,21 +60,26 @@ SET client_code = EXCLUDED.client_code, crew_code = EXCLUDED.crew_code,
 RETURNING r.record_key, r.reason;
 
 -- name: upsert_staged_conversations
--- One statement for the batch's good rows. A row is rewritten only when something
--- in it changed, and never by a build older than the one stored. The product's
--- statuses (closed, archived) and deletions are kept; a deletion because the
--- source rows were gone is undone now that they are back. Answers two counts, not
--- a row per conversation: the client needs only the totals.
-WITH written AS (
+-- One statement for the batch's good rows (reject_staged_conversations left only
+-- them). A row is rewritten only when something in it changed, and never by a
+-- build older than the one stored. The product's statuses (closed, archived) and
+-- deletions are kept; a deletion because the source rows were gone is undone now
+-- that they are back. A record stored now (every row left in the stage) clears
+-- its earlier reject, in the same statement. Answers two counts, not a row per
+-- conversation: the client needs only the totals.
+WITH cleared AS (
+    DELETE FROM conversation_rejects AS r
+    USING conversation_stage AS s
+    WHERE r.record_key = left(s.crew_code || '/' || s.session_id, 600)
+      AND EXISTS (SELECT 1 FROM conversation_rejects)  -- nothing to join when none
+), written AS (
     INSERT INTO conversations AS c (
         id, client_code, crew_code, session_id, user_id, channel, summary, full_conversation,
         metadata, status, message_count, sentiment, language, content_hash, source_updated_at,
         created_at, last_message_at)
     SELECT conversation_id(s.crew_code, s.session_id), s.client_code, s.crew_code, s.session_id,
            s.user_id, coalesce(s.channel, 'web'), s.summary, s.full_conversation, s.metadata,
-           s.status, s.message_count, s.sentiment, s.language,
-           -- What the embedding cache and backlog key on: sha256 of the UTF-8 text.
-           sha256(convert_to(coalesce(s.full_conversation, ''), 'UTF8')), s.source_updated_at,
+           s.status, s.message_count, s.sentiment, s.language, s.content_hash, s.source_updated_at,
            -- Times not given keep the stored ones (looked up only then); a new row starts now.
            coalesce(s.created_at,
                     (SELECT e.created_at FROM conversations AS e
@@ -78,9 +90,6 @@ WITH written AS (
                      WHERE e.id = conversation_id(s.crew_code, s.session_id)),
                     s.created_at, now())
     FROM conversation_stage AS s
-    WHERE conversation_reject_reason(s.client_code, s.crew_code, s.session_id, s.user_id,
-                                     s.channel, s.status, s.message_count, s.sentiment,
-                                     s.metadata) IS NULL
     ON CONFLICT (id) DO UPDATE
     SET client_code = EXCLUDED.client_code,
         user_id = EXCLUDED.user_id,
@@ -114,16 +123,6 @@ WITH written AS (
     RETURNING (c.xmax = 0) AS inserted
 )
 SELECT count(*) FILTER (WHERE inserted) AS inserted, count(*) AS written FROM written;
-
--- name: clear_staged_rejects
--- Records stored now are no longer rejected (skipped when nothing is rejected).
-DELETE FROM conversation_rejects AS r
-USING conversation_stage AS s
-WHERE r.record_key = left(s.crew_code || '/' || s.session_id, 600)
-  AND conversation_reject_reason(s.client_code, s.crew_code, s.session_id, s.user_id,
-                                 s.channel, s.status, s.message_count, s.sentiment,
-                                 s.metadata) IS NULL
-  AND EXISTS (SELECT 1 FROM conversation_rejects);
 
 -- name: soft_delete_gone_sessions
 -- Sessions whose source rows are gone: the conversation stays, marked deleted.
