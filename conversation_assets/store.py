@@ -32,7 +32,7 @@ import uuid
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -71,7 +71,8 @@ _STAGE_TYPES = (
 )
 _INT4 = range(-(2**31), 2**31)  # the binary COPY would wrap a larger message_count
 _EXCERPT_CHARS = 500
-# What a local connection's socket may hold unsent: most of a 5,000-row batch's COPY.
+# What a local connection's socket may hold unsent: most of a 5,000-row batch's COPY
+# where the kernel allows it (Linux caps it at net.core.wmem_max, often 208 KB).
 _COPY_SEND_BUFFER = 4 * 2**20
 # One encoder for every record: json.dumps with options builds a new one per call.
 _JSON = json.JSONEncoder(ensure_ascii=False, allow_nan=False)
@@ -198,15 +199,19 @@ def _number_problem(record: ConversationRecord) -> str | None:
     return None
 
 
-def _metadata_json(record: ConversationRecord) -> tuple[bytes | None, str | None]:
+def _metadata_json(
+    record: ConversationRecord, check: bool = False
+) -> tuple[bytes | None, str | None]:
     """The metadata as jsonb's binary COPY field (version 1, then the JSON), or why not.
 
     orjson writes it in about a tenth of json's time. Where the two could disagree,
     json decides: orjson refuses what it does not write the way json would (keys that
     are not text, subclasses of dict, list, str and int, dates, integers past 64
     bits, lone surrogates), and it writes NaN and infinities as null where json
-    refuses them, so output holding a null is written again by json. One difference
-    stays: a UUID, which json refuses, is written as its text.
+    refuses them, so output holding a null is written again by json. orjson also
+    writes three things json refuses: a UUID (its text), an Enum (its value) and an
+    `orjson.Fragment` (as given). A Fragment that is not JSON fails the COPY, and in
+    the batch then checked record by record (`check`), it is rejected here.
     """
     try:
         data = orjson.dumps(record.metadata, option=_ORJSON_AS_JSON)
@@ -216,6 +221,11 @@ def _metadata_json(record: ConversationRecord) -> tuple[bytes | None, str | None
         return _metadata_json_slowly(record)
     if b"\\u0000" in data:
         return None, _NUL_IN_METADATA
+    if check:
+        try:
+            orjson.loads(data)
+        except orjson.JSONDecodeError as error:
+            return None, f"metadata is not JSON: {error}"
     return _JSONB_VERSION + data, None
 
 
@@ -280,19 +290,13 @@ class _Prepared:
 
 @contextmanager
 def _collector_paused() -> Iterator[None]:
-    """No cyclic garbage collection while a batch is encoded, or a bulk load runs.
+    """No cyclic garbage collection while a batch is encoded.
 
-    Encoding allocates a few tracked objects per record, so the collector runs every
+    The loop allocates a few tracked objects per record, so the collector runs every
     few hundred records, and its full passes walk every object the caller holds (a
     bulk load's whole input): measured at 100,000 records, 14.1-17.5 us a record with
-    it, 11.4 without. Paused only around each batch's encoding, a bulk load still
-    spent a tenth of its time in collections right after each pause (one full pass
-    over 200,000 held records took 335-433 ms); paused for the whole load, Python's
-    CPU fell from 20 to 16 us a record (benchmarks/README.md). The writes make no
-    cycles; the collector catches up afterwards. The switch is process-wide: other
-    threads keep freeing what they drop, only their reference cycles wait for the
-    end of the load. Left off if something else had switched it off (a concurrent
-    load included: the first to start switches it back on when it ends).
+    it, 11.4 without. The loop makes no cycles; the collector catches up afterwards.
+    The switch is process-wide. Left off if something else had switched it off.
     """
     if not gc.isenabled():
         yield
@@ -302,6 +306,28 @@ def _collector_paused() -> Iterator[None]:
         yield
     finally:
         gc.enable()
+
+
+@contextmanager
+def _older_objects_frozen() -> Iterator[None]:
+    """Collections during a bulk load look only at objects made since it started.
+
+    Pausing the collector while each batch is encoded was not enough: a load still
+    spent about a tenth of its time in collections between batches, one full pass
+    over the 200,000 records the caller held taking 335-433 ms (benchmarks/README.md).
+    `gc.freeze` puts every object that exists now out of the collector's reach until
+    `gc.unfreeze`, so cycles made during the load are still freed. Process-wide: left
+    alone when something else has frozen objects (a server that freezes before it
+    forks), and a concurrent load that ends first unfreezes early (only speed lost).
+    """
+    if gc.get_freeze_count():
+        yield
+        return
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 class _Encoder:
@@ -340,15 +366,18 @@ def _widen_send_buffer(conn: psycopg.Connection) -> None:
     size at net.core.wmem_max. TCP sockets are left alone: their buffer grows by
     itself, and setting one would stop that.
     """
+    duplicate = os.dup(conn.fileno())
     try:
-        sock = socket.socket(fileno=os.dup(conn.fileno()))
-    except OSError:  # no socket we can look at (a platform without fd sockets)
+        sock = socket.socket(fileno=duplicate)
+    except OSError:  # not a socket Python can look at
+        os.close(duplicate)
         return
     with sock:  # closes the duplicate only
         if sock.family != getattr(socket, "AF_UNIX", None):
             return
         if sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) < _COPY_SEND_BUFFER:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _COPY_SEND_BUFFER)
+            with suppress(OSError):  # a kernel that refuses the size: keep the default
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _COPY_SEND_BUFFER)
 
 
 def _prepare(
@@ -371,7 +400,10 @@ def _prepare(
             if check_texts:
                 raise
             return _prepare(encoder, records, check_texts=True)
-    return _Prepared(data, len(rows), python_rejects, records, check_texts)
+        row_count = len(rows)
+        # Freed before the collector is back: else its first pass walks every row.
+        del rows
+    return _Prepared(data, row_count, python_rejects, records, check_texts)
 
 
 def _rows(
@@ -384,7 +416,7 @@ def _rows(
         problem = check(record)
         metadata = None
         if problem is None:
-            metadata, problem = _metadata_json(record)
+            metadata, problem = _metadata_json(record, check_texts)
         if problem is not None:
             python_rejects.append((record, problem))
             continue
@@ -496,14 +528,14 @@ def upsert_conversations_in_batches(
     ever wait on the same row. Batches commit independently. If one fails, nothing
     more is sent and, once the batches being written have finished,
     `BulkUpsertError` is raised with the report of those that committed. The pool
-    must be able to lend `workers` connections at once. Python's cyclic garbage
-    collector is paused while the load runs (`_collector_paused` says why).
+    must be able to lend `workers` connections at once. The objects that exist when
+    the load starts are frozen until it ends (`_older_objects_frozen` says why).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     if workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
-    with _collector_paused():
+    with _older_objects_frozen():
         if isinstance(target, psycopg.Connection):
             return _upsert_serial(target, records, batch_size, source)
         return _upsert_parallel(target, records, batch_size, workers, source)

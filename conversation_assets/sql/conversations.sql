@@ -44,7 +44,12 @@ WITH refused AS (
               conversation_reject_reason(s.client_code, s.crew_code, s.session_id, s.user_id,
                                          s.channel, s.status, s.message_count, s.sentiment,
                                          s.metadata) AS reason,
-              (to_jsonb(s) - 'content_hash')::text AS row_text
+              -- What was sent, in the stage's order (the content hash left out).
+              row_to_json((SELECT r FROM (SELECT s.client_code, s.crew_code, s.session_id,
+                  s.user_id, s.channel, s.summary, s.full_conversation, s.metadata,
+                  s.status, s.message_count, s.sentiment, s.language,
+                  s.source_updated_at, s.created_at, s.last_message_at) AS r))::text
+                  AS row_text
 )
 INSERT INTO conversation_rejects AS r (
     record_key, client_code, crew_code, session_id, source, reason, record_excerpt)
