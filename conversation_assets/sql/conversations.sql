@@ -33,8 +33,8 @@ FROM STDIN WITH (FORMAT BINARY);
 
 -- name: reject_staged_conversations
 -- Staged rows that fail conversation_reject_reason leave the stage for the rejects,
--- with it: the upsert and the clearing below then take every row left without
--- checking it again.
+-- with it: the upsert (and its clearing of earlier rejects) then takes every row
+-- left without checking it again.
 WITH refused AS (
     DELETE FROM conversation_stage AS s
     WHERE conversation_reject_reason(s.client_code, s.crew_code, s.session_id, s.user_id,
