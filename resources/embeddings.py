@@ -27,6 +27,7 @@ from resources.http import (
     DEFAULT_BASE_URL,
     json_headers,
     post_json,
+    redact_url,
 )
 
 LOCAL_MODEL = "l2_supercat_256"
@@ -222,12 +223,12 @@ class EmbeddingResource(dg.ConfigurableResource):
             vectors = np.asarray(rows, dtype=np.float32)
         except (KeyError, TypeError, ValueError) as exc:
             raise EmbeddingError(
-                f"{self.url} returned an unexpected body: {str(body)[:300]}"
+                f"{redact_url(self.url)} returned an unexpected body: {str(body)[:300]}"
             ) from exc
         if vectors.ndim != 2 or vectors.shape[0] != len(batch):
+            got = vectors.shape[0] if vectors.ndim else 0
             raise EmbeddingError(
-                f"{self.url} returned {vectors.shape[0] if vectors.ndim else 0} vectors "
-                f"for {len(batch)} texts."
+                f"{redact_url(self.url)} returned {got} vectors for {len(batch)} texts."
             )
         return vectors
 

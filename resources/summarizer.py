@@ -23,6 +23,7 @@ from resources.http import (
     SessionPool,
     json_headers,
     post_json,
+    redact_url,
 )
 
 _DEFAULT_MODEL = {"ollama": "llama3.2", "openai": "gpt-4o-mini"}
@@ -151,6 +152,7 @@ class SummarizerResource(dg.ConfigurableResource):
 
     def _summarize_one(self, sessions: SessionPool, transcript: str) -> str:
         url = str(self.url)
+        shown = redact_url(url)
         with sessions.session() as session:
             body = post_json(
                 session,
@@ -169,7 +171,9 @@ class SummarizerResource(dg.ConfigurableResource):
             else:
                 content = body["choices"][0]["message"]["content"]
         except (KeyError, IndexError, TypeError) as exc:
-            raise SummarizerError(f"{url} returned an unexpected body: {str(body)[:300]}") from exc
+            raise SummarizerError(
+                f"{redact_url(url)} returned an unexpected body: {str(body)[:300]}"
+            ) from exc
         if not isinstance(content, str) or not content.strip():
-            raise SummarizerError(f"{url} returned an empty summary: {str(body)[:300]}")
+            raise SummarizerError(f"{shown} returned an empty summary: {str(body)[:300]}")
         return content.strip()

@@ -15,6 +15,7 @@ from psycopg.conninfo import conninfo_to_dict
 from conversation_assets import migrate
 from conversation_assets.embedded import get_server, scratch_database
 from resources.postgres import PostgresResource
+from tests.fakes import ModelServer, serve_models
 
 
 @pytest.fixture(scope="session")
@@ -63,3 +64,10 @@ def postgres(db_url: str) -> Iterator[PostgresResource]:
     resource = PostgresResource(database_url=db_url, application_name="cp-test-discovery")
     yield resource
     resource.close()
+
+
+@pytest.fixture
+def model_server() -> Iterator[ModelServer]:
+    """A local Ollama- and OpenAI-compatible model server (embeddings and chat)."""
+    with serve_models() as server:
+        yield server

@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import math
 import socket
-import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import numpy as np
@@ -22,85 +17,13 @@ from resources.embeddings import (
     EmbeddingResource,
     check_dimension,
 )
+from tests.fakes import ModelServer, closed_port_url, fake_vector
 
 
-def fake_vector(text: str) -> list[float]:
-    """Deterministic 3-d vector that identifies its text."""
-    return [float(len(text)), float(sum(map(ord, text)) % 997), 1.0]
-
-
-@dataclass
-class FakeServer:
-    """Speaks Ollama's /api/embed and OpenAI's /v1/embeddings; scripted failures come first."""
-
-    url: str = ""
-    requests: list[dict[str, Any]] = field(default_factory=list)
-    # Each entry answers one request: (status, body, delay_seconds); then success.
-    script: list[tuple[int, str, float]] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-
-def _handler(state: FakeServer) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *args: Any) -> None:
-            pass
-
-        def _reply(self, status: int, body: str) -> None:
-            data = body.encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def do_POST(self) -> None:
-            payload = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            with state.lock:
-                state.requests.append(
-                    {"path": self.path, "headers": dict(self.headers), "payload": payload}
-                )
-                scripted = state.script.pop(0) if state.script else None
-            if scripted is not None:
-                status, body, delay = scripted
-                time.sleep(delay)
-                if status:
-                    self._reply(status, body)
-                    return
-            vectors = [fake_vector(t) for t in payload["input"]]
-            if self.path == "/api/embed":
-                self._reply(200, json.dumps({"model": payload["model"], "embeddings": vectors}))
-            elif self.path == "/v1/embeddings":
-                # Reversed on purpose: the client must order by "index".
-                data = [
-                    {"object": "embedding", "index": i, "embedding": v}
-                    for i, v in enumerate(vectors)
-                ]
-                self._reply(200, json.dumps({"object": "list", "data": data[::-1]}))
-            else:
-                self._reply(404, '{"error": "not found"}')
-
-    return Handler
-
-
-@pytest.fixture
-def server() -> Iterator[FakeServer]:
-    state = FakeServer()
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(state))
-    httpd.daemon_threads = True
-    state.url = f"http://127.0.0.1:{httpd.server_address[1]}"
-    thread = threading.Thread(target=httpd.serve_forever, args=(0.02,), daemon=True)
-    thread.start()
-    try:
-        yield state
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-
-
-def _resource(server: FakeServer, backend: str, **overrides: Any) -> EmbeddingResource:
+def _resource(model_server: ModelServer, backend: str, **overrides: Any) -> EmbeddingResource:
     config: dict[str, Any] = {
         "backend": backend,
-        "base_url": server.url,
+        "base_url": model_server.url,
         "batch_size": 4,
         "timeout_seconds": 2.0,
         "max_retries": 2,
@@ -114,64 +37,85 @@ TEXTS = [f"user: message number {i} {'x' * (i % 7)}" for i in range(10)]
 
 
 @pytest.mark.parametrize("backend", ["ollama", "openai"])
-def test_http_backends_batch_and_keep_order(server: FakeServer, backend: str) -> None:
-    resource = _resource(server, backend)
+def test_http_backends_batch_and_keep_order(model_server: ModelServer, backend: str) -> None:
+    resource = _resource(model_server, backend)
     vectors = resource.embed(TEXTS)
     assert vectors.dtype == np.float32 and vectors.shape == (len(TEXTS), 3)
     np.testing.assert_array_equal(vectors, np.array([fake_vector(t) for t in TEXTS], np.float32))
-    assert len(server.requests) == math.ceil(len(TEXTS) / 4)
+    assert len(model_server.requests) == math.ceil(len(TEXTS) / 4)
     path = "/api/embed" if backend == "ollama" else "/v1/embeddings"
-    assert {r["path"] for r in server.requests} == {path}
-    assert [t for r in server.requests for t in r["payload"]["input"]] == TEXTS
+    assert {r["path"] for r in model_server.requests} == {path}
+    assert [t for r in model_server.requests for t in r["payload"]["input"]] == TEXTS
     default = "nomic-embed-text" if backend == "ollama" else "text-embedding-3-small"
-    assert {r["payload"]["model"] for r in server.requests} == {default}
+    assert {r["payload"]["model"] for r in model_server.requests} == {default}
     assert resource.dimension() == 3
     assert resource.embed([]).shape == (0, 3)
 
 
 @pytest.mark.parametrize("backend", ["ollama", "openai"])
-def test_retries_a_503_then_succeeds(server: FakeServer, backend: str) -> None:
-    server.script.append((503, '{"error": "model loading"}', 0.0))
-    vectors = _resource(server, backend).embed(TEXTS[:3])
+def test_retries_a_503_then_succeeds(model_server: ModelServer, backend: str) -> None:
+    model_server.script.append((503, '{"error": "model loading"}', 0.0))
+    vectors = _resource(model_server, backend).embed(TEXTS[:3])
     assert vectors.shape == (3, 3)
-    assert len(server.requests) == 2  # the 503, then the same batch again
-    assert server.requests[0]["payload"] == server.requests[1]["payload"]
+    assert len(model_server.requests) == 2  # the 503, then the same batch again
+    assert model_server.requests[0]["payload"] == model_server.requests[1]["payload"]
+
+
+@pytest.mark.parametrize("status", [429, 503])
+def test_retry_waits_what_retry_after_asks(model_server: ModelServer, status: int) -> None:
+    # The backoff alone would retry after 10 ms; the server asks for a second.
+    model_server.script.append((status, '{"error": "slow down"}', 0.0, {"Retry-After": "1"}))
+    _resource(model_server, "openai").embed(["hello"])
+    first, second = (r["at"] for r in model_server.requests)
+    assert second - first >= 0.9
+
+
+def test_credentials_in_a_base_url_never_reach_an_error(model_server: ModelServer) -> None:
+    with_credentials = model_server.url.replace("http://", "http://alice:s3cr3t@")
+    model_server.script.append((400, '{"error": "bad"}', 0.0))
+    with pytest.raises(EmbeddingError) as error:
+        _resource(model_server, "ollama", base_url=with_credentials).embed(["hello"])
+    assert "s3cr3t" not in str(error.value) and "alice" not in str(error.value)
+    assert "***@127.0.0.1" in str(error.value)
+    resource = _resource(
+        model_server, "ollama", base_url=closed_port_url().replace("//", "//u:pw@")
+    )
+    with pytest.raises(EmbeddingError) as error:
+        resource.embed(["hello"])
+    assert "pw@" not in str(error.value)
 
 
 @pytest.mark.parametrize("backend", ["ollama", "openai"])
-def test_a_400_raises_at_once_with_status_and_body(server: FakeServer, backend: str) -> None:
-    server.script.append((400, '{"error": "model \\"nope\\" not found"}', 0.0))
+def test_a_400_raises_at_once_with_status_and_body(model_server: ModelServer, backend: str) -> None:
+    model_server.script.append((400, '{"error": "model \\"nope\\" not found"}', 0.0))
     with pytest.raises(EmbeddingError, match=r"HTTP 400.*model \\?\"nope\\?\" not found"):
-        _resource(server, backend, model="nope").embed(["hello"])
-    assert len(server.requests) == 1  # not retried
+        _resource(model_server, backend, model="nope").embed(["hello"])
+    assert len(model_server.requests) == 1  # not retried
 
 
-def test_timeout_gives_up_after_max_retries_in_bounded_time(server: FakeServer) -> None:
-    server.script.extend([(200, "{}", 1.0)] * 3)  # every attempt outlives the timeout
-    resource = _resource(server, "ollama", timeout_seconds=0.2, max_retries=1)
+def test_timeout_gives_up_after_max_retries_in_bounded_time(model_server: ModelServer) -> None:
+    model_server.script.extend([(200, "{}", 1.0)] * 3)  # every attempt outlives the timeout
+    resource = _resource(model_server, "ollama", timeout_seconds=0.2, max_retries=1)
     started = time.perf_counter()
     with pytest.raises(EmbeddingError, match=r"after 2 attempts.*Timeout"):
         resource.embed(["slow"])
     assert time.perf_counter() - started < 1.5
-    assert len(server.requests) == 2
+    assert len(model_server.requests) == 2
 
 
 def test_connection_refused_is_retried_then_reported() -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]  # closed again below: nothing listens there
     resource = EmbeddingResource(
-        backend="ollama", base_url=f"http://127.0.0.1:{port}", max_retries=2, backoff_seconds=0.01
+        backend="ollama", base_url=closed_port_url(), max_retries=2, backoff_seconds=0.01
     )
     with pytest.raises(EmbeddingError, match=r"after 3 attempts.*ConnectionError"):
         resource.embed(["hello"])
 
 
-def test_openai_sends_the_api_key_only_when_set(server: FakeServer) -> None:
-    _resource(server, "openai", api_key="sk-test-123").embed(["a"])
-    _resource(server, "openai").embed(["b"])
-    assert server.requests[0]["headers"].get("Authorization") == "Bearer sk-test-123"
-    assert "Authorization" not in server.requests[1]["headers"]
+def test_openai_sends_the_api_key_only_when_set(model_server: ModelServer) -> None:
+    _resource(model_server, "openai", api_key="sk-test-123").embed(["a"])
+    _resource(model_server, "openai").embed(["b"])
+    assert model_server.requests[0]["headers"].get("Authorization") == "Bearer sk-test-123"
+    assert "Authorization" not in model_server.requests[1]["headers"]
 
 
 def test_local_backend_offline(monkeypatch: pytest.MonkeyPatch) -> None:
