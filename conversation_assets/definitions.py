@@ -3,24 +3,20 @@
 import dagster as dg
 
 from conversation_assets import settings
-from conversation_assets.assets.conversations import (
-    conversation_embeddings,
-    conversation_search_indexes,
-    conversations,
-    conversations_match_sessions,
-    embedding_backlog_small,
-)
+from conversation_assets.assets.conversations import conversations, conversations_match_sessions
 from conversation_assets.assets.discovery import (
     crews_discoverable,
     discovered_sessions,
     discovered_sessions_match_source,
 )
+from conversation_assets.assets.embeddings import conversation_embeddings, embedding_backlog_small
 from conversation_assets.assets.enrichment import (
     conversation_metrics,
     enriched_conversations,
     enriched_matches_conversations,
     performance_stats,
 )
+from conversation_assets.assets.search_indexes import conversation_search_indexes
 from jobs import (
     discovery_job,
     embedding_job,

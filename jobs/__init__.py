@@ -2,11 +2,9 @@
 
 import dagster as dg
 
-from conversation_assets.assets.conversations import (
-    conversation_embeddings,
-    conversation_search_indexes,
-    conversations,
-)
+from conversation_assets.assets.conversations import conversations
+from conversation_assets.assets.embeddings import conversation_embeddings
+from conversation_assets.assets.search_indexes import conversation_search_indexes
 from conversation_assets.assets.discovery import discovered_sessions
 from conversation_assets.assets.enrichment import (
     conversation_metrics,

@@ -19,12 +19,9 @@ import pytest
 from psycopg import sql
 
 from conversation_assets import migrate
-from conversation_assets.assets.conversations import (
-    conversation_embeddings,
-    conversations,
-    conversations_match_sessions,
-)
+from conversation_assets.assets.conversations import conversations, conversations_match_sessions
 from conversation_assets.assets.discovery import discovered_sessions
+from conversation_assets.assets.embeddings import conversation_embeddings
 from conversation_assets.assets.enrichment import enriched_conversations
 from conversation_assets.conversations import build_conversations
 from conversation_assets.discovery import discover

@@ -11,7 +11,7 @@ import pytest
 from pgvector.psycopg import register_vector
 
 from conversation_assets import reads, search_indexes
-from conversation_assets.assets.conversations import conversation_search_indexes
+from conversation_assets.assets.search_indexes import conversation_search_indexes
 from conversation_assets.search_indexes import INDEX_PREFIX, index_name, sync_search_indexes
 from tests.test_reads import DIM, record, set_vectors, store, unit
 

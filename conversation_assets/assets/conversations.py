@@ -1,5 +1,4 @@
-"""The ``conversations``, ``conversation_embeddings`` and ``conversation_search_indexes``
-assets and their checks."""
+"""The ``conversations`` asset (transcript, summary, metadata per session) and its check."""
 
 import warnings
 from typing import Any, Literal
@@ -13,25 +12,13 @@ from conversation_assets.assets.discovery import (
     partition_keys_for,
 )
 from conversation_assets.conversations import BuildReport, build_conversations
-from conversation_assets.embedding import EmbedReport, backlog_size, embed_backlog
 from conversation_assets.enrichment import record_pipeline_run
 from conversation_assets.partitions import daily_partitions
 from conversation_assets.queries import query
-from conversation_assets.search_indexes import (
-    BUILD_MEMORY_MB,
-    MAX_INDEXES,
-    MIN_VECTORS,
-    SearchIndexError,
-    SearchIndexReport,
-    sync_search_indexes,
-)
-from resources.embeddings import EmbeddingResource
 from resources.postgres import PostgresResource
 from resources.summarizer import SummarizerResource
 
 warnings.filterwarnings("ignore", message="Parameter `backfill_policy`", category=dg.BetaWarning)
-
-EMBEDDING_BACKLOG_WARN = 10_000
 
 
 class ConversationsConfig(dg.Config):
@@ -153,144 +140,3 @@ def conversations_match_sessions(postgres: PostgresResource) -> dg.AssetCheckRes
             "examples": dg.MetadataValue.json(examples or []),
         },
     )
-
-
-class EmbeddingConfig(dg.Config):
-    batch_size: int = Field(default=512, gt=0, description="Conversations per batch.")
-    max_batches: int | None = Field(
-        default=None, gt=0, description="Stop after this many batches (drain all if unset)."
-    )
-    max_input_chars: int = Field(
-        default=8000, gt=0, description="Characters of a transcript sent to the model."
-    )
-
-
-def _embed_metadata(report: EmbedReport) -> dict[str, Any]:
-    return {
-        "model": report.model,
-        "dimension": report.dimension,
-        "embedded": report.embedded,
-        "cache_hits": report.cache_hits,
-        "texts_sent_to_model": report.texts_sent,
-        "empty_texts": report.empty,
-        "batches": report.batches,
-        "requeued_for_model_change": report.requeued_for_model_change,
-        "backlog_left": report.backlog_left,
-        "embed_ms": round(report.embed_seconds * 1000, 1),
-        "texts_per_second": round(report.texts_per_second),
-        "duration_ms": round(report.seconds * 1000, 1),
-        "skipped": report.skipped_reason or "",
-    }
-
-
-@dg.asset(
-    deps=[conversations],
-    pool="embedding_model",
-    kinds={"postgres", "pgvector"},
-    group_name="conversations",
-)
-def conversation_embeddings(
-    context: dg.AssetExecutionContext,
-    config: EmbeddingConfig,
-    postgres: PostgresResource,
-    embeddings: EmbeddingResource,
-) -> dg.MaterializeResult:
-    """Vectors for conversations whose text changed, from the embedding cache or the
-    model, in batches until the backlog is empty; stored in conversations.embedding
-    (HNSW-indexed for semantic search)."""
-    report = embed_backlog(
-        postgres.pool,
-        embeddings,
-        batch_size=config.batch_size,
-        max_batches=config.max_batches,
-        max_input_chars=config.max_input_chars,
-        progress=context.log.info,
-    )
-    record_pipeline_run(
-        postgres.pool,
-        run_id=context.run.run_id,
-        asset="conversation_embeddings",
-        partition_key=None,
-        duration_ms=report.seconds * 1000,
-        items=report.embedded,
-        batches=report.batches,
-        model_ms=report.embed_seconds * 1000,
-    )
-    return dg.MaterializeResult(metadata=_embed_metadata(report))
-
-
-@dg.asset_check(
-    asset=conversation_embeddings,
-    description=f"Fewer than {EMBEDDING_BACKLOG_WARN:,} conversations wait for a vector.",
-)
-def embedding_backlog_small(postgres: PostgresResource) -> dg.AssetCheckResult:
-    with postgres.connection() as conn:
-        waiting = backlog_size(conn)
-    return dg.AssetCheckResult(
-        passed=waiting < EMBEDDING_BACKLOG_WARN,
-        severity=dg.AssetCheckSeverity.WARN,
-        metadata={"backlog": waiting},
-    )
-
-
-class SearchIndexConfig(dg.Config):
-    min_vectors: int = Field(
-        default=MIN_VECTORS,
-        ge=1,
-        description="A client with this many live vectors gets an HNSW index of its own; "
-        "under it, its index is dropped (reads.EXACT_BELOW ranks such a client exactly).",
-    )
-    max_indexes: int = Field(
-        default=MAX_INDEXES, ge=0, description="At most this many, for the largest clients."
-    )
-    build_memory_mb: int = Field(
-        default=BUILD_MEMORY_MB,
-        ge=64,
-        description="Most maintenance_work_mem given to one build (about 3 KB a 256-d "
-        "vector holds the whole graph in memory; a larger graph builds slower on disk).",
-    )
-
-
-def _search_index_metadata(report: SearchIndexReport) -> dict[str, Any]:
-    covered = report.vectors_covered / report.vectors_total if report.vectors_total else 0.0
-    return {
-        "built_for_clients": dg.MetadataValue.json(report.built),
-        "dropped_indexes": dg.MetadataValue.json(report.dropped),
-        "failed_builds": dg.MetadataValue.json(report.failed),
-        "client_indexes": report.indexes,
-        "vectors_in_client_indexes": report.vectors_covered,
-        "live_vectors": report.vectors_total,
-        "share_in_client_indexes": round(covered, 4),
-        "index_mb": round(report.index_bytes / 2**20, 1),
-        "duration_ms": round(report.seconds * 1000, 1),
-    }
-
-
-@dg.asset(
-    deps=[conversation_embeddings],
-    kinds={"postgres", "pgvector"},
-    group_name="conversations",
-)
-def conversation_search_indexes(
-    context: dg.AssetExecutionContext, config: SearchIndexConfig, postgres: PostgresResource
-) -> dg.MaterializeResult:
-    """One HNSW index per large client (predicate ``client_code = <client>``), built
-    CONCURRENTLY: a client's semantic search then walks its own vectors only, instead
-    of filtering the shared graph (slow for a client with a small share of the rows)."""
-    try:
-        with postgres.connection() as conn:
-            report = sync_search_indexes(
-                conn,
-                min_vectors=config.min_vectors,
-                max_indexes=config.max_indexes,
-                build_memory_mb=config.build_memory_mb,
-                progress=context.log.info,
-            )
-    except SearchIndexError as error:
-        raise dg.Failure(
-            description=str(error), metadata=_search_index_metadata(error.report)
-        ) from error
-    if report.skipped_reason:
-        # Nothing was done: not a materialization (the run that holds the lock makes one).
-        raise dg.Failure(description=f"skipped: {report.skipped_reason}")
-    return dg.MaterializeResult(metadata=_search_index_metadata(report))
