@@ -29,7 +29,7 @@ import psutil
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
-from conversation_assets import migrate
+from conversation_assets import migrate, settings
 from conversation_assets.embedded import (
     EmbeddedPostgres,
     default_data_dir,
@@ -60,7 +60,7 @@ def _say(message: str) -> None:
 def database_url() -> str:
     """DATABASE_URL when set, else the embedded server's URL (started once per process)."""
     global _embedded
-    url = os.environ.get("DATABASE_URL", "").strip()
+    url = settings.load().database_url
     if url:
         return url
     if _embedded is None:
@@ -98,13 +98,8 @@ def psycopg2_url(url: str) -> str:
 def dagster_url(url: str) -> str:
     """Dagster's storage URL: DAGSTER_PG_URL, else the embedded ``dagster`` database,
     else the pipeline's own database (no CREATE DATABASE rights needed)."""
-    explicit = os.environ.get("DAGSTER_PG_URL", "").strip()
+    explicit = settings.load().dagster_pg_url  # validated there: postgresql+psycopg2://
     if explicit:
-        if not explicit.startswith("postgresql+psycopg2://"):
-            raise CliError(
-                "DAGSTER_PG_URL must start with postgresql+psycopg2:// (a plain postgresql:// "
-                "makes SQLAlchemy use psycopg 3 and the webserver hangs)"
-            )
         return explicit
     if _embedded is not None and url == _embedded.url:
         return _embedded.dagster_url
@@ -527,7 +522,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (_Interrupted, KeyboardInterrupt):
         _say("interrupted")
         return 130
-    except (CliError, psycopg.OperationalError) as error:
+    except (CliError, settings.SettingError, psycopg.OperationalError) as error:
         _say(f"ERROR: {error}")
         return 1
     finally:

@@ -10,7 +10,6 @@ the conversations themselves.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from psycopg_pool import ConnectionPool
 
 from conversation_assets import settings
 from conversation_assets.queries import query
+from resources import embedding_resource
 from resources.embeddings import EmbeddingResource, check_dimension
 
 ProgressLog = Callable[[str], None]
@@ -52,31 +52,12 @@ class EmbedReport:
         return self.texts_sent / self.embed_seconds if self.embed_seconds else 0.0
 
 
-def configured_embedder() -> EmbeddingResource:
-    """The embedding resource the EMBEDDING_* settings describe (for the CLI)."""
-
-    def optional(name: str) -> str | None:
-        value = os.environ.get(name, "").strip()
-        return value or None
-
-    return EmbeddingResource(
-        backend=settings.raw("EMBEDDING_BACKEND"),  # type: ignore[arg-type]
-        model=optional("EMBEDDING_MODEL"),
-        base_url=optional("EMBEDDING_BASE_URL"),
-        api_key=optional("EMBEDDING_API_KEY"),
-    )
-
-
 def configured_dimension() -> int:
     """N of the vector(N) column to create: EMBEDDING_DIMENSION, else the model's."""
-    value = os.environ.get("EMBEDDING_DIMENSION", "").strip()
-    if value:
-        if not value.isdigit() or not 1 <= int(value) <= 2000:
-            raise settings.SettingError(
-                f"EMBEDDING_DIMENSION={value!r} must be a whole number from 1 to 2000."
-            )
-        return int(value)
-    embedder = configured_embedder()
+    current = settings.load()
+    if current.embedding_dimension is not None:
+        return current.embedding_dimension
+    embedder = embedding_resource(current, for_dagster=False)
     try:
         return embedder.dimension()
     except Exception as error:  # noqa: BLE001 - any failure gets the same advice

@@ -1,217 +1,258 @@
-"""Every environment variable the project reads, with its default and meaning.
+"""Every environment variable the project reads: one typed object, read in one place.
 
-One table serves the resources (as ``dg.EnvVar`` when set, the default when not),
-the schedule and sensor definitions, the dev launcher, and the README's
-configuration table (a test keeps the README in step with it).
+`load()` reads the environment into `Settings` (pydantic-settings): each variable has
+its type, its default (or none) and its meaning, and a bad value fails with the
+variable's name, the value and what is allowed. Resources, schedules, sensors,
+partitions and the CLI all take their values from it; no other module reads
+``os.environ`` for a setting. README's configuration table is checked against
+`documented()` by a test.
+
+Secrets (`DATABASE_URL`, the API keys) reach Dagster's resources as ``dg.EnvVar`` so
+the UI shows the variable's name, never its value; every other value is passed as
+the typed value itself, which Dagster shows and validates like any config.
 """
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
 from datetime import date
+from pathlib import Path
+from typing import Annotated, Any, Literal
 
 import dagster as dg
-
-
-@dataclass(frozen=True)
-class Setting:
-    name: str
-    default: str
-    meaning: str
-
-
-SETTINGS: tuple[Setting, ...] = (
-    Setting(
-        "DATABASE_URL",
-        "(embedded)",
-        "PostgreSQL 14+ with the `vector` extension holding the histories and output "
-        "tables. Unset: `conversation-pipeline dev` starts an embedded PostgreSQL 18 "
-        "with pgvector in `.pgdata/`.",
-    ),
-    Setting(
-        "CONVERSATION_DISCOVERY_CRON",
-        "*/5 * * * *",
-        "Cron expression (UTC) of `discovery_schedule`. An invalid value stops the "
-        "definitions from loading with an error naming it.",
-    ),
-    Setting(
-        "SEARCH_INDEX_CRON",
-        "15 2 * * *",
-        "Cron expression (UTC) of `search_index_schedule`, which gives each client with "
-        "10,000 or more vectors an HNSW index of its own. Validated like the one above.",
-    ),
-    Setting(
-        "ENABLE_BACKGROUND_JOBS",
-        "true",
-        "`false` leaves every schedule and sensor stopped by default (start them in "
-        "the UI when you want them).",
-    ),
-    Setting(
-        "METRICS_SENSOR_INTERVAL_SECONDS",
-        "60",
-        "How often `metrics_sensor` looks for days and hours whose metrics went stale.",
-    ),
-    Setting(
-        "DISCOVERY_SENSOR_INTERVAL_SECONDS",
-        "30",
-        "How often `new_histories_sensor` probes the histories tables.",
-    ),
-    Setting(
-        "DISCOVERY_PARTITIONS_START",
-        "2025-01-01",
-        "First day (UTC) of the daily partitions. Sessions that started earlier are "
-        "still discovered, in no partition's backfill range.",
-    ),
-    Setting(
-        "DISCOVERY_RECONCILE_MINUTES",
-        "15",
-        "A crew whose table lost or changed rows (an n8n `clear()`) is recomputed "
-        "whole, one scan of its table, at most this often; `0`: on the next run. "
-        "TRUNCATE and a crew moving client are always handled on the next run.",
-    ),
-    Setting(
-        "EMBEDDED_PGDATA",
-        ".pgdata",
-        "Data directory of the embedded PostgreSQL (used when DATABASE_URL is unset); "
-        "kept between runs.",
-    ),
-    Setting("PG_POOL_MIN_SIZE", "1", "Connections the pool keeps open."),
-    Setting("PG_POOL_MAX_SIZE", "10", "Most connections the pool opens."),
-    Setting(
-        "PG_POOL_MAX_LIFETIME_SECONDS",
-        "3600",
-        "A pooled connection is replaced after this long (seed 001's maxUses).",
-    ),
-    Setting(
-        "PG_STATEMENT_TIMEOUT_MS",
-        "300000",
-        "`statement_timeout` of every pooled connection: a stuck query is cancelled.",
-    ),
-    Setting(
-        "PG_IDLE_IN_TRANSACTION_TIMEOUT_MS",
-        "60000",
-        "`idle_in_transaction_session_timeout`: a transaction left open is ended.",
-    ),
-    Setting(
-        "PG_APPLICATION_NAME",
-        "conversation-pipeline",
-        "`application_name`, to find the pipeline's sessions in `pg_stat_activity`.",
-    ),
-    Setting(
-        "EMBEDDING_BACKEND",
-        "local",
-        "`local` (WordLlama's 256-d model bundled in its wheel, offline), `ollama` "
-        "(`/api/embed`) or `openai` (any OpenAI-compatible `/v1/embeddings`).",
-    ),
-    Setting(
-        "EMBEDDING_MODEL",
-        "(by backend)",
-        "Embedding model: `l2_supercat_256`, `nomic-embed-text` or `text-embedding-3-small` "
-        "by backend when unset.",
-    ),
-    Setting(
-        "EMBEDDING_BASE_URL",
-        "(by backend)",
-        "Server root of an HTTP embedding backend (no `/api` or `/v1`): "
-        "`http://127.0.0.1:11434` for ollama, `https://api.openai.com` for openai.",
-    ),
-    Setting("EMBEDDING_API_KEY", "(none)", "Bearer token of the openai backend."),
-    Setting(
-        "EMBEDDING_DIMENSION",
-        "(from the model)",
-        "Size N of `conversations.embedding vector(N)` when `migrate` creates it; unset: "
-        "asked of the configured model. A later mismatch stops the embedding step before "
-        "any write, printing the command that migrates the column.",
-    ),
-    Setting(
-        "EMBEDDING_SENSOR_INTERVAL_SECONDS",
-        "30",
-        "How often `embedding_backlog_sensor` looks for conversations waiting for a vector.",
-    ),
-    Setting(
-        "SUMMARIZER_BACKEND",
-        "extractive",
-        "`extractive` (deterministic, no network), or an LLM through `ollama` "
-        "(`/api/chat`) or `openai` (`/v1/chat/completions`).",
-    ),
-    Setting(
-        "SUMMARIZER_MODEL",
-        "(by backend)",
-        "LLM for summaries: `llama3.2` (ollama) or `gpt-4o-mini` (openai) when unset.",
-    ),
-    Setting("SUMMARIZER_BASE_URL", "(by backend)", "Server root of the LLM summarizer."),
-    Setting("SUMMARIZER_API_KEY", "(none)", "Bearer token of the openai summarizer."),
-    Setting(
-        "DAGSTER_PG_URL",
-        "(set by dev)",
-        "Dagster's own run/event/schedule storage. Must be `postgresql+psycopg2://...`. "
-        "`conversation-pipeline dev` points it at the same server as DATABASE_URL.",
-    ),
-)
-
-_BY_NAME = {s.name: s for s in SETTINGS}
-
-
-def raw(name: str) -> str:
-    """The value in force: the environment's, else the table's default."""
-    value = os.environ.get(name, "").strip()
-    return value or _BY_NAME[name].default
-
-
-def env_or_default(name: str) -> str | dg.EnvVar:
-    """For resource fields: a ``dg.EnvVar`` (resolved at run time) when set."""
-    return dg.EnvVar(name) if os.environ.get(name, "").strip() else _BY_NAME[name].default
-
-
-def env_or_none(name: str) -> dg.EnvVar | None:
-    """For optional resource fields whose default is the resource's own."""
-    return dg.EnvVar(name) if os.environ.get(name, "").strip() else None
-
-
-def env_int_or_default(name: str) -> int | dg.EnvVar:
-    if os.environ.get(name, "").strip():
-        return dg.EnvVar.int(name)
-    return int(_BY_NAME[name].default)
+from pydantic import AfterValidator, Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class SettingError(ValueError):
     """A setting has a value the project cannot use; the message names both."""
 
 
-def background_jobs_enabled() -> bool:
-    value = raw("ENABLE_BACKGROUND_JOBS").lower()
-    if value in {"true", "1", "yes", "on"}:
-        return True
-    if value in {"false", "0", "no", "off"}:
-        return False
-    raise SettingError(f"ENABLE_BACKGROUND_JOBS={value!r} is not a boolean; use true or false.")
-
-
-def positive_int(name: str) -> int:
-    value = raw(name)
+def _cron(value: str) -> str:
+    """Dagster's own judgment of a cron string, through its public schedule API."""
     try:
-        number = int(value)
-    except ValueError:
-        number = 0
-    if number <= 0:
-        raise SettingError(f"{name}={value!r} must be a positive integer.")
-    return number
-
-
-def reconcile_minutes() -> int:
-    value = raw("DISCOVERY_RECONCILE_MINUTES")
-    if not value.isdigit():
-        raise SettingError(f"DISCOVERY_RECONCILE_MINUTES={value!r} must be a whole number >= 0.")
-    return int(value)
-
-
-def partitions_start() -> str:
-    value = raw("DISCOVERY_PARTITIONS_START")
-    try:
-        date.fromisoformat(value)
-    except ValueError as error:
-        raise SettingError(
-            f"DISCOVERY_PARTITIONS_START={value!r} is not a date (YYYY-MM-DD)."
+        dg.ScheduleDefinition(name="cron_check", cron_schedule=value, job_name="cron_check")
+    except dg.DagsterInvalidDefinitionError as error:
+        raise ValueError(
+            "not a valid 5-field cron expression (minute hour day-of-month month "
+            "day-of-week), e.g. '*/5 * * * *'"
         ) from error
     return value
+
+
+def _http_root(value: str | None) -> str | None:
+    if value is not None and not value.startswith(("http://", "https://")):
+        raise ValueError("must start with http:// or https://")
+    return value
+
+
+def _psycopg2_url(value: str | None) -> str | None:
+    if value is not None and not value.startswith("postgresql+psycopg2://"):
+        raise ValueError(
+            "must start with postgresql+psycopg2:// (with a plain postgresql:// SQLAlchemy "
+            "picks psycopg 3 and the webserver hangs)"
+        )
+    return value
+
+
+Cron = Annotated[str, AfterValidator(_cron)]
+HttpRoot = Annotated[str | None, AfterValidator(_http_root)]
+Seconds = Annotated[int, Field(gt=0)]
+
+
+class Settings(BaseSettings):
+    """The project's environment variables (field name = variable name, lower case)."""
+
+    model_config = SettingsConfigDict(
+        case_sensitive=False,
+        env_ignore_empty=True,  # VAR= counts as unset
+        str_strip_whitespace=True,
+        extra="ignore",
+        frozen=True,
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _blank_is_unset(cls, values: Any) -> Any:
+        """A variable of only spaces counts as unset, like an empty one."""
+        if isinstance(values, dict):
+            return {k: v for k, v in values.items() if not (isinstance(v, str) and not v.strip())}
+        return values
+
+    database_url: str | None = Field(
+        default=None,
+        description="PostgreSQL 14+ with the `vector` extension holding the histories and "
+        "output tables. Unset: `scripts/dev` starts an embedded PostgreSQL 18 with "
+        "pgvector in `EMBEDDED_PGDATA`.",
+    )
+    conversation_discovery_cron: Cron = Field(
+        default="*/5 * * * *",
+        description="Cron (UTC) of `discovery_schedule`. An invalid value stops the "
+        "definitions from loading with an error naming the variable and the value.",
+    )
+    search_index_cron: Cron = Field(
+        default="15 2 * * *",
+        description="Cron (UTC) of `search_index_schedule`, which gives each client with "
+        "10,000 or more vectors an HNSW index of its own (see *Reading it back*). "
+        "Validated like the one above.",
+    )
+    enable_background_jobs: bool = Field(
+        default=True,
+        description="`false` leaves every schedule and sensor stopped by default "
+        "(`discovery_schedule`, `metrics_schedule`, `performance_stats_schedule`, "
+        "`search_index_schedule`, `new_histories_sensor`, `embedding_backlog_sensor`, "
+        "`metrics_sensor`): start them in the UI when you want them.",
+    )
+    metrics_sensor_interval_seconds: Seconds = Field(
+        default=60,
+        description="How often `metrics_sensor` looks for days and hours whose metrics went stale.",
+    )
+    discovery_sensor_interval_seconds: Seconds = Field(
+        default=30, description="How often `new_histories_sensor` probes the histories tables."
+    )
+    discovery_partitions_start: date = Field(
+        default=date(2025, 1, 1),
+        description="First day (UTC) of the daily partitions. Older sessions are still "
+        "discovered, outside any partition's backfill range.",
+    )
+    discovery_reconcile_minutes: int = Field(
+        default=15,
+        ge=0,
+        description="A crew whose table lost or changed rows (an n8n `clear()`) is "
+        "recomputed whole, one scan of its table, at most this often; `0`: on the next "
+        "run. TRUNCATE and a crew moving client are handled on the next run regardless.",
+    )
+    embedded_pgdata: Path | None = Field(
+        default=None,
+        description="Data directory of the embedded PostgreSQL, kept between runs; unset: "
+        "`.pgdata` in the checkout. Its settings are `embedded.SERVER_SETTINGS` "
+        "(`wal_buffers = 16MB`: PostgreSQL's own pick from 512 MB of `shared_buffers` up; "
+        "at the default 4 MB, bulk upserts waited on WAL writes a tenth of their time); "
+        "`ALTER SYSTEM` overrides them. A `DATABASE_URL` server keeps its own settings.",
+    )
+    pg_pool_min_size: int = Field(default=1, ge=0, description="Connections the pool keeps open.")
+    pg_pool_max_size: int = Field(default=10, ge=1, description="Most connections the pool opens.")
+    pg_pool_max_lifetime_seconds: Seconds = Field(
+        default=3600, description="A pooled connection is replaced after this long."
+    )
+    pg_statement_timeout_ms: int = Field(
+        default=300_000,
+        ge=0,
+        description="`statement_timeout` of every pooled connection (`0`: none).",
+    )
+    pg_idle_in_transaction_timeout_ms: int = Field(
+        default=60_000,
+        ge=0,
+        description="`idle_in_transaction_session_timeout` of every pooled connection (`0`: none).",
+    )
+    pg_application_name: str = Field(
+        default="conversation-pipeline",
+        min_length=1,
+        description="`application_name`, to find the pipeline in `pg_stat_activity`.",
+    )
+    embedding_backend: Literal["local", "ollama", "openai"] = Field(
+        default="local",
+        description="`local` (WordLlama's 256-d model bundled in its wheel, offline), "
+        "`ollama` (`/api/embed`) or `openai` (any OpenAI-compatible `/v1/embeddings`).",
+    )
+    embedding_model: str | None = Field(
+        default=None,
+        description="Unset: `l2_supercat_256` (local), `nomic-embed-text` (ollama) or "
+        "`text-embedding-3-small` (openai).",
+    )
+    embedding_base_url: HttpRoot = Field(
+        default=None,
+        description="Server root of an HTTP backend (no `/api` or `/v1`). Unset: "
+        "`http://127.0.0.1:11434` (ollama), `https://api.openai.com` (openai).",
+    )
+    embedding_api_key: str | None = Field(
+        default=None, description="Bearer token of the openai backend (a secret)."
+    )
+    embedding_dimension: int | None = Field(
+        default=None,
+        ge=1,
+        le=2000,
+        description="N of `conversations.embedding vector(N)` when `migrate` creates it; "
+        "unset: asked of the configured model.",
+    )
+    embedding_sensor_interval_seconds: Seconds = Field(
+        default=30,
+        description="How often `embedding_backlog_sensor` looks for conversations waiting "
+        "for a vector.",
+    )
+    summarizer_backend: Literal["extractive", "ollama", "openai"] = Field(
+        default="extractive",
+        description="`extractive` (deterministic, offline) or an LLM through `ollama` "
+        "(`/api/chat`) or `openai` (`/v1/chat/completions`); a failing LLM leaves the "
+        "extractive summaries and says so in the run.",
+    )
+    summarizer_model: str | None = Field(
+        default=None, description="Unset: `llama3.2` (ollama) or `gpt-4o-mini` (openai)."
+    )
+    summarizer_base_url: HttpRoot = Field(
+        default=None,
+        description="Server root of the LLM summarizer. Unset: as for `EMBEDDING_BASE_URL`.",
+    )
+    summarizer_api_key: str | None = Field(
+        default=None, description="Bearer token of the openai summarizer (a secret)."
+    )
+    dagster_pg_url: Annotated[str | None, AfterValidator(_psycopg2_url)] = Field(
+        default=None,
+        description="Dagster's own run/event/schedule storage (`dagster_home/dagster.yaml`). "
+        "Must be `postgresql+psycopg2://…`: with a plain `postgresql://` URL SQLAlchemy 2.1 "
+        "picks psycopg 3 and the webserver hangs. Unset: `scripts/dev` uses the embedded "
+        "server's `dagster` database, or `DATABASE_URL`'s database.",
+    )
+
+
+SECRETS = frozenset(
+    {"DATABASE_URL", "EMBEDDING_API_KEY", "SUMMARIZER_API_KEY", "ALERT_WEBHOOK_URL"}
+)
+
+
+def load() -> Settings:
+    """The settings in force now; a bad value raises SettingError naming it."""
+    try:
+        return Settings()
+    except ValidationError as error:
+        from resources.http import redact_url  # here: resources build from this module
+
+        problems = []
+        for item in error.errors():
+            name = str(item["loc"][0]).upper() if item["loc"] else "?"
+            value = item.get("input")
+            if name in SECRETS:
+                shown = "(hidden)"
+            elif isinstance(value, str) and "://" in value:
+                shown = repr(redact_url(value))
+            else:
+                shown = repr(value)
+            problems.append(f"{name}={shown}: {item['msg']}")
+        raise SettingError("; ".join(problems)) from None
+
+
+def names() -> list[str]:
+    """The environment variables, in the order README documents them."""
+    return [name.upper() for name in Settings.model_fields]
+
+
+def documented() -> dict[str, tuple[str, str]]:
+    """Each variable's README default cell and meaning."""
+    rows = {}
+    for field_name, field in Settings.model_fields.items():
+        default = field.default
+        cell = "(none)" if default is None else f"`{_shown(default)}`"
+        rows[field_name.upper()] = (cell, field.description or "")
+    return rows
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+def secret(name: str) -> dg.EnvVar | None:
+    """A secret for a Dagster resource: the variable's name (resolved at run time)."""
+    if name not in SECRETS:
+        raise KeyError(f"{name} is not a secret setting")
+    return dg.EnvVar(name) if getattr(load(), name.lower()) is not None else None

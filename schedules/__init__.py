@@ -3,7 +3,6 @@
 from datetime import UTC, timedelta
 
 import dagster as dg
-from dagster._utils.schedules import is_valid_cron_string
 
 from conversation_assets import settings
 from jobs import (
@@ -15,24 +14,9 @@ from jobs import (
 )
 
 
-def cron_setting(name: str) -> str:
-    """A cron setting, validated: a bad value is an error, never a fallback."""
-    value = settings.raw(name)
-    if not is_valid_cron_string(value):
-        raise settings.SettingError(
-            f"{name}={value!r} is not a valid 5-field cron expression "
-            "(minute hour day-of-month month day-of-week), e.g. '*/5 * * * *'."
-        )
-    return value
-
-
-def discovery_cron() -> str:
-    return cron_setting("CONVERSATION_DISCOVERY_CRON")
-
-
 def _default_status() -> dg.DefaultScheduleStatus:
     """ENABLE_BACKGROUND_JOBS decides whether schedules start running."""
-    if settings.background_jobs_enabled():
+    if settings.load().enable_background_jobs:
         return dg.DefaultScheduleStatus.RUNNING
     return dg.DefaultScheduleStatus.STOPPED
 
@@ -40,7 +24,7 @@ def _default_status() -> dg.DefaultScheduleStatus:
 def build_discovery_schedule() -> dg.ScheduleDefinition:
     @dg.schedule(
         name="discovery_schedule",
-        cron_schedule=discovery_cron(),
+        cron_schedule=settings.load().conversation_discovery_cron,
         execution_timezone="UTC",
         job=discovery_job,
         default_status=_default_status(),
@@ -96,7 +80,7 @@ def build_search_index_schedule() -> dg.ScheduleDefinition:
     index is built its searches use the shared one."""
     return dg.ScheduleDefinition(
         name="search_index_schedule",
-        cron_schedule=cron_setting("SEARCH_INDEX_CRON"),
+        cron_schedule=settings.load().search_index_cron,
         execution_timezone="UTC",
         job=search_index_job,
         default_status=_default_status(),

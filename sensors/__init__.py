@@ -2,7 +2,7 @@
 
 import hashlib
 import json
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, time, timedelta
 
 import dagster as dg
 
@@ -25,18 +25,18 @@ METRICS_PERIODS_PER_TICK = 2000  # stale days and hours read per tick (the rest 
 
 def _default_status() -> dg.DefaultSensorStatus:
     """ENABLE_BACKGROUND_JOBS decides whether sensors start running."""
-    if settings.background_jobs_enabled():
+    if settings.load().enable_background_jobs:
         return dg.DefaultSensorStatus.RUNNING
     return dg.DefaultSensorStatus.STOPPED
 
 
 def build_new_histories_sensor() -> dg.SensorDefinition:
-    reconcile_after = timedelta(minutes=settings.reconcile_minutes())
+    reconcile_after = timedelta(minutes=settings.load().discovery_reconcile_minutes)
 
     @dg.sensor(
         name="new_histories_sensor",
         job=discovery_job,
-        minimum_interval_seconds=settings.positive_int("DISCOVERY_SENSOR_INTERVAL_SECONDS"),
+        minimum_interval_seconds=settings.load().discovery_sensor_interval_seconds,
         default_status=_default_status(),
         description="One primary-key probe per histories table; runs incremental "
         "discovery for exactly the partitions whose sessions got new rows.",
@@ -90,7 +90,7 @@ def build_embedding_backlog_sensor() -> dg.SensorDefinition:
     @dg.sensor(
         name="embedding_backlog_sensor",
         job=embedding_job,
-        minimum_interval_seconds=settings.positive_int("EMBEDDING_SENSOR_INTERVAL_SECONDS"),
+        minimum_interval_seconds=settings.load().embedding_sensor_interval_seconds,
         default_status=_default_status(),
         description="Starts embedding_job when conversations wait for a vector and no "
         "embedding run is queued or running (one drain at a time).",
@@ -117,10 +117,11 @@ embedding_backlog_sensor = build_embedding_backlog_sensor()
 
 
 def build_metrics_sensor() -> dg.SensorDefinition:
+    first = datetime.combine(settings.load().discovery_partitions_start, time(), UTC)
     @dg.sensor(
         name="metrics_sensor",
         jobs=[metrics_job, performance_stats_job],
-        minimum_interval_seconds=settings.positive_int("METRICS_SENSOR_INTERVAL_SECONDS"),
+        minimum_interval_seconds=settings.load().metrics_sensor_interval_seconds,
         default_status=_default_status(),
         description="Refreshes the days of conversation_metrics and the past hours of "
         "performance_stats whose enriched rows changed (marked in the same transaction): "
@@ -131,7 +132,6 @@ def build_metrics_sensor() -> dg.SensorDefinition:
     ) -> dg.SensorResult | dg.SkipReason:
         now = datetime.now(UTC)
         this_hour = now.replace(minute=0, second=0, microsecond=0)
-        first = datetime.fromisoformat(settings.partitions_start()).replace(tzinfo=UTC)
         with postgres.connection() as conn:
             stale = pending_dirty_periods(conn, before=now, limit=METRICS_PERIODS_PER_TICK)
         marks: dict[str, list[tuple[datetime, int]]] = {"day": [], "hour": []}

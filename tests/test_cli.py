@@ -12,7 +12,7 @@ import psycopg
 import pytest
 import sqlalchemy as sa
 
-from conversation_assets import cli, migrate
+from conversation_assets import cli, migrate, settings
 from conversation_assets.embedded import (
     SERVER_SETTINGS,
     EmbeddedPostgres,
@@ -160,7 +160,7 @@ def test_dagster_storage_url_is_psycopg2_and_connects(
             engine.dispose()
 
     monkeypatch.setenv("DAGSTER_PG_URL", cli_fresh_db_url)  # plain postgresql://: the trap
-    with pytest.raises(cli.CliError, match="postgresql\\+psycopg2"):
+    with pytest.raises(settings.SettingError, match="postgresql\\+psycopg2"):
         cli.dagster_url(cli_fresh_db_url)
 
 

@@ -1,20 +1,18 @@
 """The Dagster layer: definitions, partitions, runs, sensor, schedule, checks."""
 
 import json
-import re
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import dagster as dg
 import pytest
 
-from conversation_assets import settings
 from conversation_assets.assets.discovery import (
     crews_discoverable,
     discovered_sessions,
     discovered_sessions_match_source,
 )
-from schedules import build_discovery_schedule, build_search_index_schedule, discovery_cron
+from schedules import build_discovery_schedule
 from sensors import build_new_histories_sensor
 from tests.sources import add_crew, insert
 
@@ -181,36 +179,6 @@ def test_schedule_requests_an_incremental_run_for_the_tick_day(monkeypatch):
         request = schedule(context)
     assert request.partition_key == "2026-11-23"
     assert request.run_config["ops"]["discovered_sessions"]["config"]["mode"] == "incremental"
-
-
-@pytest.mark.parametrize("value", ["every 5 minutes", "*/5 * * *", "61 * * * *"])
-@pytest.mark.parametrize(
-    ("name", "build"),
-    [
-        ("CONVERSATION_DISCOVERY_CRON", discovery_cron),
-        ("SEARCH_INDEX_CRON", build_search_index_schedule),
-    ],
-)
-def test_an_invalid_cron_is_an_error_naming_variable_and_value(monkeypatch, value, name, build):
-    monkeypatch.setenv(name, value)
-    with pytest.raises(settings.SettingError) as error:
-        build()
-    assert name in str(error.value) and repr(value) in str(error.value)
-
-
-def test_background_jobs_switch_leaves_schedule_and_sensor_stopped(monkeypatch):
-    monkeypatch.setenv("ENABLE_BACKGROUND_JOBS", "false")
-    assert build_discovery_schedule().default_status == dg.DefaultScheduleStatus.STOPPED
-    assert build_new_histories_sensor().default_status == dg.DefaultSensorStatus.STOPPED
-    monkeypatch.setenv("ENABLE_BACKGROUND_JOBS", "maybe")
-    with pytest.raises(settings.SettingError, match="ENABLE_BACKGROUND_JOBS='maybe'"):
-        build_discovery_schedule()
-
-
-def test_readme_documents_every_setting():
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    table = {m for m in re.findall(r"^\| `([A-Z_]+)` \|", readme, flags=re.MULTILINE)}
-    assert table == {s.name for s in settings.SETTINGS}
 
 
 def test_sensor_requests_a_run_when_rows_were_only_deleted(conn, postgres, monkeypatch):

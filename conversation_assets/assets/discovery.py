@@ -37,7 +37,7 @@ class DiscoveryConfig(dg.Config):
     )
     batch_rows: int = Field(default=200_000, gt=0, description="Source rows read per transaction.")
     reconcile_minutes: int = Field(
-        default_factory=settings.reconcile_minutes,
+        default_factory=lambda: settings.load().discovery_reconcile_minutes,
         ge=0,
         description="Recompute a crew whose table lost rows at most this often "
         "(DISCOVERY_RECONCILE_MINUTES); 0: on the next run.",
