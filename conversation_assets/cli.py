@@ -214,7 +214,13 @@ class _Interrupted(Exception):
 
 
 def _cmd_track_deletes(args: argparse.Namespace) -> int:
-    """Print (or, with --apply, install) the change-log triggers on crews' tables."""
+    """Print (or, with --apply, install) the change-log triggers on crews' tables.
+
+    Stdout is a SQL script to review and pipe to psql: every name in it is quoted
+    as SQL (a crew code as a literal, a table as an identifier), so a code holding
+    a line break cannot put a statement of its own in it. Notes go to stderr."""
+
+    from psycopg import sql
 
     from conversation_assets.discovery import discover, histories_identifier, load_crews
     from conversation_assets.queries import query
@@ -226,16 +232,26 @@ def _cmd_track_deletes(args: argparse.Namespace) -> int:
         if not crews:
             raise CliError("no enabled crew matches")
         for crew in crews:
+            header = query(
+                "track_changes_crew",
+                crew_code=sql.Literal(crew.crew_code),
+                histories_table=sql.Literal(crew.histories_table),
+            )
             statement = query(
                 "track_changes",
                 histories=histories_identifier(crew.crew_code, crew.histories_table),
             )
-            print(f"-- crew {crew.crew_code}\n{statement.as_string(conn)}")
+            print(f"{header.as_string(conn)}\n{statement.as_string(conn)}", flush=True)
             if args.apply:
                 with conn.transaction():
                     conn.execute(statement)
     if not args.apply:
-        _say("nothing changed: run again with --apply to install these triggers")
+        print(
+            "[conversation-pipeline] nothing changed: run again with --apply to install "
+            "these triggers",
+            file=sys.stderr,
+            flush=True,
+        )
         return 0
     # Deletes made before the triggers existed: one exact recompute of the crews.
     resource = PostgresResource(database_url=url)

@@ -34,6 +34,20 @@ _TABLE_PART = re.compile(r"^[a-z0-9_]+$")
 _INTEGER_TYPES = {"int2", "int4", "int8"}
 _TIMESTAMP_TYPES = {"timestamptz", "timestamp"}
 _JSON_TYPES = {"jsonb", "json"}
+# Session id types whose text form reads back as the same value: a recompute's
+# candidates (text) are cast to the column's type, so an index on it serves.
+# Any other type is compared as text (numeric '3e2' reads back as 300, not '3e2').
+_EXACT_TEXT_TYPES = {"uuid", "int2", "int4", "int8"}
+_TEXT_TYPES = {"text", "varchar"}
+
+# The characters session_id_is_blank (migration 0005) trims: Unicode's White_Space
+# set. A session id made only of these (or empty) is rejected. For Python code that
+# must apply the same rule: ``not session_id.strip(SESSION_ID_WHITESPACE)``. Not
+# str.isspace(), which also counts U+001C-U+001F.
+SESSION_ID_WHITESPACE = (
+    "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007"
+    "\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000"
+)
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +79,9 @@ class Source:
     table: sql.Identifier
     relid: int
     created_at: sql.Composable
+    message: sql.Composable
+    message_text: sql.Composable
+    message_join: sql.Composable
     has_created_at: bool
     session_id_type: str
     has_session_index: bool
@@ -80,6 +97,13 @@ class Source:
             name,
             histories=self.table,
             created_at=self.created_at,
+            source_row=query(
+                "source_row",
+                message=self.message,
+                message_text=self.message_text,
+                created_at=self.created_at,
+            ),
+            message_join=self.message_join,
             merge=sql.SQL(text("merge_sessions")),  # type: ignore[arg-type]
             **parts,
         )
@@ -87,16 +111,29 @@ class Source:
     def recompute_filters(self, every_session: bool) -> dict[str, sql.Composable]:
         if every_session:
             return {"source_filter": sql.SQL("TRUE"), "stored_filter": sql.SQL("TRUE")}
-        # Candidates are text; compared in the column's own type (a uuid as uuid), so
-        # an index on session_id serves the lookup.
-        if self.session_id_type == "uuid":
-            source_filter = sql.SQL("h.session_id IN (SELECT session_id::uuid FROM candidates)")
-        else:
-            source_filter = sql.SQL("h.session_id IN (SELECT session_id FROM candidates)")
         return {
-            "source_filter": source_filter,
+            "source_filter": self.session_in_candidates(),
             "stored_filter": sql.SQL("d.session_id IN (SELECT session_id FROM candidates)"),
         }
+
+    def session_in_candidates(self) -> sql.Composable:
+        """``h.session_id`` among the text ids of ``candidates``, for any column type.
+
+        Compared in the column's own type where its text form reads back exactly (a
+        uuid as uuid, an integer as integer), so an index on session_id serves the
+        lookup; a candidate that is no value of that type (a crew pointed at another
+        table keeps its old ids until recomputed) becomes NULL, which matches no row,
+        instead of failing the cast: a CASE, since a WHERE beside it has no set order
+        of evaluation. Any other type is compared as text."""
+        kind = self.session_id_type
+        if kind in _TEXT_TYPES:
+            return sql.SQL("h.session_id IN (SELECT session_id FROM candidates)")
+        if kind in _EXACT_TEXT_TYPES:
+            return sql.SQL(
+                "h.session_id IN (SELECT CASE WHEN pg_input_is_valid(session_id, {name}) "
+                "THEN session_id::{kind} END FROM candidates)"
+            ).format(kind=sql.Identifier(kind), name=sql.Literal(kind))
+        return sql.SQL("h.session_id::text IN (SELECT session_id FROM candidates)")
 
     def index_advice(self) -> str | None:
         """Said, never done: the product's tables are the product's to change."""
@@ -153,17 +190,39 @@ def inspect_source(conn: psycopg.Connection, crew: Crew) -> Source:
         )
     else:
         created_at = sql.SQL("NULL::timestamptz")
+    message, message_text, message_join = _message_columns(columns["message"])
     features = _one_row(conn, query("source_features"), {"relid": relid})
     return Source(
         crew=crew,
         table=identifier,
         relid=relid,
         created_at=created_at,
+        message=message,
+        message_text=message_text,
+        message_join=message_join,
         has_created_at=created_type in _TIMESTAMP_TYPES,
         session_id_type=columns["session_id"],
         has_session_index=features["has_session_index"],
         tracks_changes=features["tracks_changes"],
     )
+
+
+def _message_columns(
+    message_type: str,
+) -> tuple[sql.Composable, sql.Composable, sql.Composable]:
+    """How a row's message is read (expression, text kept for a reject, join).
+
+    A json column stores text jsonb may not hold (\\u0000, an unpaired surrogate, a
+    number beyond numeric): cast in the statement, one such row would fail it
+    whole, so it goes through discovery_json_message and becomes a reject. A jsonb
+    column is read as is and pays nothing for that."""
+    if message_type == "json":
+        return (
+            sql.Identifier("j", "message"),
+            sql.SQL("h.message::text"),
+            query("json_message_join"),
+        )
+    return sql.Identifier("h", "message"), sql.SQL("NULL::text"), sql.SQL("")
 
 
 def load_crews(conn: psycopg.Connection, crew_codes: Sequence[str] | None = None) -> list[Crew]:

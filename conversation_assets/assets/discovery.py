@@ -5,11 +5,13 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any, Literal
 
 import dagster as dg
+import psycopg
 from pydantic import Field
 
 from conversation_assets import settings
 from conversation_assets.discovery import (
     CrewOutcome,
+    CrewSourceError,
     DiscoveryReport,
     discover,
     load_crews,
@@ -165,43 +167,64 @@ def discovered_sessions(
     return dg.MaterializeResult(metadata={"mode": config.mode, **metadata})
 
 
+def _crew_problem(crew_code: str, error: Exception) -> str:
+    """A crew's failure as one line for a check's metadata (never raised)."""
+    message = str(error).strip() or type(error).__name__
+    return message if isinstance(error, CrewSourceError) else f"crew {crew_code!r}: {message}"
+
+
 @dg.asset_check(asset=discovered_sessions, description="Recount sampled sessions from the source.")
 def discovered_sessions_match_source(postgres: PostgresResource) -> dg.AssetCheckResult:
     """Recompute a random sample of each crew's sessions exactly, in a transaction
-    that is rolled back: any session the recompute would change is a difference."""
+    that is rolled back: any session the recompute would change is a difference.
+
+    A crew whose table cannot be read is a finding (failed, crew and reason in
+    ``crew_errors``), not an exception: the other crews are still checked, and the
+    run that launched the check stays green."""
     differences: dict[str, list[str]] = {}
+    crew_errors: dict[str, str] = {}
     sampled = 0
-    with postgres.connection() as conn:
-        crews = load_crews(conn)
-    for crew in crews:
+    try:
         with postgres.connection() as conn:
-            sample = [
-                row[0]
-                for row in conn.execute(
-                    query("sample_sessions"),
-                    {"crew_code": crew.crew_code, "sample_size": RECOUNT_SAMPLE_PER_CREW},
-                )
-            ]
-            if not sample:
-                continue
-            sampled += len(sample)
-            changed = recount_sessions(conn, crew, sample)
+            crews = load_crews(conn)
+    except psycopg.Error as error:
+        crews, crew_errors["*"] = [], f"the crews could not be listed: {error}".strip()
+    for crew in crews:
+        try:
+            with postgres.connection() as conn:
+                sample = [
+                    row[0]
+                    for row in conn.execute(
+                        query("sample_sessions"),
+                        {"crew_code": crew.crew_code, "sample_size": RECOUNT_SAMPLE_PER_CREW},
+                    )
+                ]
+                changed = recount_sessions(conn, crew, sample) if sample else []
+        except (CrewSourceError, psycopg.Error) as error:
+            crew_errors[crew.crew_code] = _crew_problem(crew.crew_code, error)
+            continue
+        sampled += len(sample)
         if changed:
             differences[crew.crew_code] = changed
     return dg.AssetCheckResult(
-        passed=not differences,
+        passed=not differences and not crew_errors,
         metadata={
             "sessions_sampled": sampled,
             "sessions_differing": sum(len(v) for v in differences.values()),
             "differences": dg.MetadataValue.json(differences),
+            "crew_errors": dg.MetadataValue.json(crew_errors),
         },
     )
 
 
 @dg.asset_check(asset=discovered_sessions, description="Every enabled crew's table is readable.")
 def crews_discoverable(postgres: PostgresResource) -> dg.AssetCheckResult:
-    with postgres.connection() as conn:
-        rows = conn.execute(query("crew_errors")).fetchall()
+    """Warns with each failing crew's last error; reports, never raises."""
+    try:
+        with postgres.connection() as conn:
+            rows = conn.execute(query("crew_errors")).fetchall()
+    except psycopg.Error as error:
+        rows = [("*", f"the crews' status could not be read: {error}".strip())]
     return dg.AssetCheckResult(
         passed=not rows,
         severity=dg.AssetCheckSeverity.WARN,

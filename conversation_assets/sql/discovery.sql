@@ -1,6 +1,21 @@
 -- Session discovery. Placeholders: {histories} is the crew's table
--- (psycopg.sql.Identifier), {created_at} is either h.created_at or NULL, and
--- {merge} is the merge_sessions block below.
+-- (psycopg.sql.Identifier), {created_at} is either h.created_at or NULL,
+-- {source_row} is the source_row block below and {merge} the merge_sessions block.
+
+-- name: source_row
+-- A histories row `h` as every statement reads it. {message} is h.message for a
+-- jsonb column and j.message (json_message_join) for a json one;
+-- {message_text} is the json's own text, kept for the reject's reason and
+-- excerpt (NULL for jsonb: it holds nothing jsonb cannot).
+h.id::bigint AS id, h.session_id::text AS session_id, {message} AS message,
+{message_text} AS message_text, {created_at} AS created_at
+
+-- name: json_message_join
+-- Spliced as {message_join} after `{histories} AS h` for a json message column
+-- only (nothing for jsonb): the message as jsonb, NULL where jsonb cannot hold it.
+-- OFFSET 0 keeps it a subquery evaluated once a row; pulled up, the call would be
+-- copied into every reference to the message (the reject reason, the counts).
+CROSS JOIN LATERAL (SELECT discovery_json_message(h.message) AS message OFFSET 0) AS j
 
 -- name: crews_with_state
 SELECT c.crew_code, c.client_code, c.histories_table,
@@ -54,6 +69,12 @@ CREATE OR REPLACE TRIGGER discovery_track_updates
     AFTER UPDATE ON {histories} REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
     FOR EACH STATEMENT EXECUTE FUNCTION discovery_log_changed_sessions();
 
+-- name: track_changes_crew
+-- Printed before a crew's triggers by `track-deletes`: the crew and its table as
+-- SQL literals. Quoted, a code is data: a line break in it cannot end a comment
+-- and start a statement of its own, as it could in a `-- crew ...` line.
+SELECT {crew_code} AS crew_code, {histories_table} AS histories_table;
+
 -- name: source_signature
 -- Deleted or updated source rows since stats began (n_tup_del + n_tup_upd of
 -- pg_stat_user_tables, read without the view), and the table's file: when
@@ -101,18 +122,20 @@ ON CONFLICT (crew_code) DO UPDATE
 SET last_run_at = now(), last_error = EXCLUDED.last_error;
 
 -- name: merge_sessions
--- Expects a CTE `src` (id, session_id, message, created_at). Classifies rows,
+-- Expects a CTE `src` (the columns of source_row). Classifies rows,
 -- records rejects, aggregates per session and upserts: added to the stored
 -- aggregates when %(replace)s is false (incremental), replacing them when true
 -- (exact recompute). Unchanged rows are not rewritten.
 checked AS NOT MATERIALIZED (
-    SELECT src.id, src.session_id, src.message, src.created_at,
-           discovery_reject_reason(src.session_id, src.message) AS reject_reason
+    SELECT src.id, src.session_id, src.message, src.message_text, src.created_at,
+           discovery_reject_reason(src.session_id, src.message, src.message_text)
+               AS reject_reason
     FROM src
 ),
 rejected AS (
     INSERT INTO discovery_rejects AS r (crew_code, message_id, session_id, reason, message_excerpt)
-    SELECT %(crew_code)s, c.id, left(c.session_id, 300), c.reject_reason, left(c.message::text, 500)
+    SELECT %(crew_code)s, c.id, left(c.session_id, 300), c.reject_reason,
+           left(coalesce(c.message::text, c.message_text), 500)
     FROM checked AS c
     WHERE c.reject_reason IS NOT NULL
     ON CONFLICT (crew_code, message_id) DO UPDATE
@@ -218,18 +241,16 @@ changed AS (
 -- pending, stamped with this transaction's id: once the oldest running
 -- transaction is newer than that, nothing can still commit into them.
 WITH fresh AS (
-    SELECT h.id::bigint AS id, h.session_id::text AS session_id,
-           h.message::jsonb AS message, {created_at} AS created_at
-    FROM {histories} AS h
+    SELECT {source_row}
+    FROM {histories} AS h {message_join}
     WHERE h.id > %(high_water)s
     ORDER BY h.id
     LIMIT %(batch_rows)s
 ),
 late AS (
-    SELECT h.id::bigint AS id, h.session_id::text AS session_id,
-           h.message::jsonb AS message, {created_at} AS created_at
+    SELECT {source_row}
     FROM unnest(%(pending)s::int8multirange) AS p(ids)
-    JOIN {histories} AS h ON h.id >= lower(p.ids) AND h.id < upper(p.ids)
+    JOIN {histories} AS h ON h.id >= lower(p.ids) AND h.id < upper(p.ids) {message_join}
 ),
 src AS (
     SELECT * FROM fresh
@@ -293,7 +314,9 @@ FROM state;
 -- as the watermark. Sessions with no rows left are soft-deleted. {source_filter}
 -- and {stored_filter} are TRUE for all sessions, else a semi-join to candidates
 -- (spliced, not an OR on a parameter: an IN under an OR cannot become a join, and
--- the session_id indexes would go unused).
+-- the session_id indexes would go unused). The source side compares in the
+-- column's own type where its text form reads back exactly (see
+-- Source.recompute_filters), else as text: any type that casts to text works.
 WITH candidates AS (
     SELECT d.session_id::text AS session_id
     FROM discovered_sessions AS d
@@ -306,9 +329,8 @@ WITH candidates AS (
     WHERE {created_at} >= %(window_start)s AND {created_at} < %(window_end)s
 ),
 src AS (
-    SELECT h.id::bigint AS id, h.session_id::text AS session_id,
-           h.message::jsonb AS message, {created_at} AS created_at
-    FROM {histories} AS h
+    SELECT {source_row}
+    FROM {histories} AS h {message_join}
     WHERE h.id <= %(high_water)s
       AND NOT (h.id::bigint <@ %(pending)s::int8multirange)
       AND {source_filter}
@@ -375,7 +397,7 @@ WITH new_rows AS (
 sessions AS (
     SELECT n.session_id, coalesce(min(n.created_at), now()) AS first_at
     FROM new_rows AS n
-    WHERE length(n.session_id) BETWEEN 1 AND 255
+    WHERE discovery_session_id_problem(n.session_id) IS NULL  -- the rejects' rule
     GROUP BY n.session_id
 )
 SELECT DISTINCT CASE
