@@ -6,7 +6,9 @@ follows the changed sessions. Full runs (partition backfills) rebuild every
 session filed under a day. Either way a batch is: read the sessions' messages
 (one statement per crew table), build transcript, summary and metadata in
 Python, then write everything and take the batch off the queue in one
-transaction.
+transaction. A session that cannot be read or built (a message Python's JSON
+parser refuses, a time Python cannot hold) is rejected with its reason and taken
+off the queue like the others: one item never holds up the queue behind it.
 """
 
 from __future__ import annotations
@@ -20,14 +22,18 @@ from typing import Any, Literal
 
 import psycopg
 from psycopg import sql
+from psycopg.abc import Buffer
 from psycopg.rows import dict_row
+from psycopg.types.json import JsonbLoader
 from psycopg_pool import ConnectionPool
 
 from conversation_assets.discovery import Crew, CrewSourceError, Source, inspect_source, utc_day
 from conversation_assets.queries import query
 from conversation_assets.store import (
     ConversationRecord,
+    SessionReject,
     UpsertReport,
+    record_session_rejects,
     soft_delete_gone,
     upsert_conversations,
 )
@@ -72,6 +78,40 @@ class _Batch:
     records: list[ConversationRecord] = field(default_factory=list)
     gone: list[tuple[str, str, datetime | None]] = field(default_factory=list)
     settled: list[tuple[str, str]] = field(default_factory=list)
+    # Sessions that cannot be built: rejected with their reason, and settled too (a
+    # change to the session queues it again), so they never hold up the queue.
+    rejects: list[SessionReject] = field(default_factory=list)
+
+
+class UnreadableMessage:
+    """Stands for a message Python's JSON parser refuses (nested deeper than its
+    recursion limit, though valid jsonb): its session is rejected, not the batch."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+class _TolerantJsonbLoader(JsonbLoader):
+    """psycopg's jsonb loader, except that a value it cannot parse becomes an
+    UnreadableMessage instead of an exception out of the fetch loop, which would fail
+    every session of the batch and leave it first in the queue. The same work as
+    the stock loader on a readable message (a try costs nothing until it raises)."""
+
+    def load(self, data: Buffer) -> Any:
+        if not isinstance(data, bytes):
+            data = bytes(data)
+        try:
+            return self.loads(data)
+        except (RecursionError, ValueError) as error:
+            kind = "nested too deeply" if isinstance(error, RecursionError) else "not parsable"
+            return UnreadableMessage(f"message is {kind} for Python's JSON parser: {error}")
+
+
+# Errors of one fetch that come from the rows read (a value that cannot be cast or
+# loaded), not from the crew's table: the sessions are fetched apart to find the one.
+_ROW_ERRORS = (psycopg.DataError, psycopg.errors.ProgramLimitExceeded)
 
 
 def _session_match(source: Source) -> sql.Composable:
@@ -84,14 +124,18 @@ def _session_match(source: Source) -> sql.Composable:
 
 
 def fetch_messages(
-    conn: psycopg.Connection, source: Source, sessions: Sequence[dict[str, Any]]
+    conn: psycopg.Connection,
+    source: Source,
+    sessions: Sequence[dict[str, Any]],
+    unreadable: dict[str, str] | None = None,
 ) -> dict[str, list[SessionMessage]]:
     """The messages of `sessions` (discovered rows), by session id, in id order.
 
     Each session's rows lie between its first and last message id. With an index
     on session_id, or when the sessions' ranges are apart, each range is read on
     its own; when they overlap (a day's sessions, interleaved) one scan of the
-    shared range costs less.
+    shared range costs less. A message Python cannot parse is an UnreadableMessage;
+    `unreadable`, when given, gets why for each session holding one (the first).
     """
     if not sessions:
         return {}
@@ -114,9 +158,35 @@ def fetch_messages(
         params = {"session_ids": session_ids, "low": low, "high": high}
     messages: dict[str, list[SessionMessage]] = defaultdict(list)
     with conn.cursor() as cur:
+        cur.adapters.register_loader("jsonb", _TolerantJsonbLoader)
         for session_id, message_id, message, created_at in cur.execute(statement, params):
+            if type(message) is UnreadableMessage and unreadable is not None:
+                unreadable.setdefault(session_id, f"histories row {message_id}: {message.reason}")
             messages[session_id].append(SessionMessage(message_id, message, created_at))
     return messages
+
+
+def _fetch_apart(
+    conn: psycopg.Connection,
+    source: Source,
+    sessions: Sequence[dict[str, Any]],
+    unreadable: dict[str, str],
+) -> dict[str, list[SessionMessage]]:
+    """fetch_messages, except that a row error (a value PostgreSQL cannot cast, or
+    psycopg cannot load) is narrowed down to its sessions by halving the batch: they
+    are named in `unreadable` and the others are read. Costs more statements only
+    when a fetch fails."""
+    try:
+        return fetch_messages(conn, source, sessions, unreadable)
+    except _ROW_ERRORS as error:
+        if len(sessions) == 1:
+            reason = f"its messages cannot be read: {str(error).strip()}"
+            unreadable[sessions[0]["session_id"]] = reason
+            return {}
+    half = len(sessions) // 2
+    found = _fetch_apart(conn, source, sessions[:half], unreadable)
+    found.update(_fetch_apart(conn, source, sessions[half:], unreadable))
+    return found
 
 
 def _record(session: dict[str, Any], messages: Sequence[SessionMessage]) -> ConversationRecord:
@@ -140,6 +210,26 @@ def _record(session: dict[str, Any], messages: Sequence[SessionMessage]) -> Conv
         last_message_at=session["ended_at"],
         source_updated_at=session["updated_at"],
     )
+
+
+def _sessions_apart(
+    cur: psycopg.Cursor[dict[str, Any]], keys: Sequence[tuple[str, str]], batch: _Batch
+) -> list[dict[str, Any]]:
+    """The discovered rows of `keys` (sessions_to_build). A row psycopg cannot load (a
+    time Python cannot hold, such as infinity) is narrowed down by halving the keys
+    and rejected into `batch`; more statements only when a read fails."""
+    try:
+        return cur.execute(
+            query("sessions_to_build"),
+            {"crew_codes": [k[0] for k in keys], "session_ids": [k[1] for k in keys]},
+        ).fetchall()
+    except _ROW_ERRORS as error:
+        if len(keys) == 1:
+            reason = f"its discovered session cannot be read: {str(error).strip()}"
+            batch.rejects.append(SessionReject(None, keys[0][0], keys[0][1], reason[:2000]))
+            return []
+    half = len(keys) // 2
+    return _sessions_apart(cur, keys[:half], batch) + _sessions_apart(cur, keys[half:], batch)
 
 
 class _Builder:
@@ -178,12 +268,10 @@ class _Builder:
         batch = _Batch()
         started = time.perf_counter()
         with self.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
-            sessions = cur.execute(
-                query("sessions_to_build"),
-                {"crew_codes": [k[0] for k in keys], "session_ids": [k[1] for k in keys]},
-            ).fetchall()
+            sessions = _sessions_apart(cur, keys, batch)
             found = {(s["crew_code"], s["session_id"]) for s in sessions}
-            # Queued keys with no discovered row (a crew removed): nothing to build.
+            # Queued keys with no discovered row (a crew removed), or whose row was
+            # rejected: nothing to build.
             batch.settled.extend(k for k in keys if k not in found)
             by_crew: dict[str, list[dict[str, Any]]] = defaultdict(list)
             for session in sessions:
@@ -197,16 +285,19 @@ class _Builder:
                 else:
                     by_crew[session["crew_code"]].append(session)
             messages: dict[tuple[str, str], list[SessionMessage]] = {}
+            unreadable: dict[tuple[str, str], str] = {}
             for crew_code, crew_sessions in by_crew.items():
+                crew_unreadable: dict[str, str] = {}
                 try:
                     source = self._source(conn, crew_sessions[0])
-                    found_messages = fetch_messages(conn, source, crew_sessions)
+                    found_messages = _fetch_apart(conn, source, crew_sessions, crew_unreadable)
                 except (CrewSourceError, psycopg.Error) as error:
                     self.report.crew_errors[crew_code] = str(error).strip()
                     continue
                 for session in crew_sessions:
                     key = (crew_code, session["session_id"])
                     messages[key] = found_messages.get(session["session_id"], [])
+                unreadable.update(((crew_code, s), why) for s, why in crew_unreadable.items())
         self.report.read_seconds += time.perf_counter() - started
         self.report.sessions += len(sessions)
 
@@ -217,12 +308,21 @@ class _Builder:
                 if key not in messages:
                     continue  # its crew failed: stays queued
                 batch.settled.append(key)
-                if not messages[key]:
+                why = unreadable.get(key)
+                if why is None and not messages[key]:
                     # Rows gone since discovery saw them: discovery will notice and
                     # mark the session deleted, which queues it again.
                     self.report.without_messages += 1
                     continue
-                batch.records.append(_record(session, messages[key]))
+                if why is None:
+                    try:
+                        batch.records.append(_record(session, messages[key]))
+                        continue
+                    except Exception as error:  # noqa: BLE001 - this session's, not the batch's
+                        why = f"cannot be built: {type(error).__name__}: {error}"
+                batch.rejects.append(
+                    SessionReject(session["client_code"], key[0], key[1], why[:2000])
+                )
         self._summarize(batch.records)
         self.report.build_seconds += time.perf_counter() - started
         return batch
@@ -232,14 +332,17 @@ class _Builder:
         if self.summarize is None or not records:
             return
         try:
-            summaries = self.summarize([r.full_conversation or "" for r in records])
+            summaries = list(self.summarize([r.full_conversation or "" for r in records]))
+            if len(summaries) != len(records):
+                raise ValueError(f"{len(summaries)} summaries for {len(records)} transcripts")
         except Exception as error:  # noqa: BLE001 - any backend failure: keep extractive
             message = f"LLM summarizer failed, extractive summaries kept: {error}"
             self.report.summarizer_errors.append(message)
             self.progress(message)
             return
         for record, summary in zip(records, summaries, strict=True):
-            if summary is not None:
+            # Anything but text keeps the extractive summary (never a reject).
+            if isinstance(summary, str):
                 record.summary = summary
                 record.metadata["summarizer"] = self.summarizer_name
 
@@ -248,6 +351,7 @@ class _Builder:
         started = time.perf_counter()
         with self.pool.connection() as conn, conn.transaction():
             written = upsert_conversations(conn, batch.records, source="pipeline")
+            written.rejects.extend(record_session_rejects(conn, batch.rejects, "pipeline"))
             self.report.soft_deleted += soft_delete_gone(conn, batch.gone)
             if versions is not None and batch.settled:
                 settled = [k for k in batch.settled if k in versions]

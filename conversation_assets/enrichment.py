@@ -37,9 +37,16 @@ EXCERPT_CHARS = 600  # the end of the transcript kept as the latest messages
 # conversations: below that, a second transaction costs more than it saves.
 MIN_IDS_PER_WORKER = 1_000
 DIFF_WORK_MEM = "64MB"  # hash tables of the product-table diff and of a metrics day
+# Errors that come from a row of the batch (a value PostgreSQL or psycopg refuses:
+# an infinite timestamp, a stack too deep), not from the database being away: the
+# batch is halved until the conversation is found, which is then rejected.
+_ROW_ERRORS = (psycopg.DataError, psycopg.IntegrityError, psycopg.errors.ProgramLimitExceeded)
 _LOCK = "conversation_pipeline.enrichment"
 
 Window = tuple[datetime, datetime]
+# What a part of a batch did: written, removed, days touched, and the conversations
+# it refused (id, queue version or None, reason).
+_Result = tuple[int, int, list[date], list[tuple[Any, int | None, str]]]
 
 
 @dataclass
@@ -53,6 +60,9 @@ class EnrichReport:
     batches: int = 0
     queue_left: int = 0
     missing_tables: list[str] = field(default_factory=list)
+    # Conversations that could not be enriched (id, reason): in enrichment_rejects,
+    # their queue entries settled; the rest of their batch was enriched.
+    rejects: list[tuple[Any, str]] = field(default_factory=list)
     skipped_reason: str | None = None
     touched_days: set[date] = field(default_factory=set)
     seconds: float = 0.0
@@ -107,7 +117,7 @@ class _Batches:
             (ids[start : start + size], versions[start : start + size] if versions else None)
             for start in range(0, len(ids), size)
         ]
-        pending: list[Future[tuple[int, int, list[date]]]] = []
+        pending: list[Future[_Result]] = []
         if len(chunks) > 1:
             if self.helpers is None:
                 self.helpers = ThreadPoolExecutor(
@@ -117,7 +127,7 @@ class _Batches:
         results = []
         failure: BaseException | None = None
         try:
-            results.append(self._on(self.conn, *chunks[0]))
+            results.append(self._on_apart(self.conn, *chunks[0]))
         except BaseException as error:  # the other parts still finish (they may commit)
             failure = error
         for future in pending:
@@ -125,19 +135,61 @@ class _Batches:
                 results.append(future.result())
             except BaseException as error:
                 failure = failure or error
-        for written, removed, days in results:
+        rejected: list[tuple[Any, int | None, str]] = []
+        for written, removed, days, refused in results:
             report.written += written
             report.removed += removed
             report.touched_days.update(days)
+            rejected.extend(refused)
+        if rejected:
+            self._reject(rejected)
+            report.rejects.extend((key, reason) for key, _, reason in rejected)
         if failure is not None:
             raise failure
         report.conversations += len(ids)
         report.batches += 1
 
-    def _on_pooled(self, ids: list[Any], versions: list[int] | None) -> tuple[int, int, list[date]]:
+    def _on_pooled(self, ids: list[Any], versions: list[int] | None) -> _Result:
         with self.pool.connection() as conn:
             conn.autocommit = True
-            return self._on(conn, ids, versions)
+            return self._on_apart(conn, ids, versions)
+
+    def _on_apart(
+        self, conn: psycopg.Connection, ids: list[Any], versions: list[int] | None
+    ) -> _Result:
+        """_on, except that a row error is narrowed down by halving the ids: the
+        conversation it comes from is returned as refused (id, version, reason) and
+        the others are enriched. More statements only when a batch fails."""
+        try:
+            return (*self._on(conn, ids, versions), [])
+        except _ROW_ERRORS as error:
+            if len(ids) == 1:
+                reason = f"{type(error).__name__}: {str(error).strip()}"
+                return 0, 0, [], [(ids[0], versions[0] if versions else None, reason[:2000])]
+        half = len(ids) // 2
+        first = self._on_apart(conn, ids[:half], versions[:half] if versions else None)
+        second = self._on_apart(conn, ids[half:], versions[half:] if versions else None)
+        return (
+            first[0] + second[0],
+            first[1] + second[1],
+            first[2] + second[2],
+            first[3] + second[3],
+        )
+
+    def _reject(self, rejected: list[tuple[Any, int | None, str]]) -> None:
+        """Record the refused conversations and settle their queue entries (at the
+        version tried: a change since queues them again), in one transaction."""
+        ids = [key for key, _, _ in rejected]
+        with self.conn.transaction():
+            self.conn.execute(query("lock_enriched_entries"), {"ids": ids})
+            self.conn.execute(
+                query("record_enrichment_rejects"),
+                {
+                    "ids": ids,
+                    "versions": [version for _, version, _ in rejected],
+                    "reasons": [reason for _, _, reason in rejected],
+                },
+            )
 
     def _on(
         self, conn: psycopg.Connection, ids: list[Any], versions: list[int] | None

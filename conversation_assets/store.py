@@ -70,6 +70,14 @@ _STAGE_TYPES = (
     *("timestamptz",) * 3,
 )
 _INT4 = range(-(2**31), 2**31)  # the binary COPY would wrap a larger message_count
+_TIME_FIELDS = ("created_at", "last_message_at", "source_updated_at")
+# Unicode's White_Space characters: a key made only of them is blank. The same list
+# as the SQL conversation_key_is_blank (migration 0006) and discovery's
+# session_id_is_blank; not str.isspace(), which adds U+001C-U+001F.
+BLANK_CHARACTERS = (
+    "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006"
+    "\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000"
+)
 _EXCERPT_CHARS = 500
 # What a local connection's socket may hold unsent: most of a 5,000-row batch's COPY
 # where the kernel allows it (Linux caps it at net.core.wmem_max, often 208 KB).
@@ -95,6 +103,12 @@ def content_hash(text: str | None) -> bytes:
     so an unchecked batch holding one is checked and the record rejected.
     """
     return _sha256(str.encode("" if text is None else text)).digest()
+
+
+def is_blank(text: str) -> bool:
+    """Empty once every Unicode White_Space character is stripped: the rule the
+    database applies to a conversation's keys (conversation_key_is_blank)."""
+    return not text.strip(BLANK_CHARACTERS)
 
 
 def conversation_id(crew_code: str, session_id: str) -> uuid.UUID:
@@ -163,7 +177,7 @@ class UpsertReport:
 
 def _copy_problem(record: ConversationRecord) -> str | None:
     """What would break the COPY itself; everything else is checked in SQL."""
-    return _text_problem(record) or _number_problem(record)
+    return _text_problem(record) or _number_problem(record) or _refused_value_problem(record)
 
 
 def _text_problem(record: ConversationRecord) -> str | None:
@@ -196,6 +210,43 @@ def _number_problem(record: ConversationRecord) -> str | None:
         return f"message_count {record.message_count} is out of range for an integer column"
     if record.sentiment is not None and not isinstance(record.sentiment, int | float):
         return f"sentiment is not a number ({type(record.sentiment).__name__})"
+    return None
+
+
+def _refused_value_problem(record: ConversationRecord) -> str | None:
+    """What the COPY's encoder refuses outright (a naive time next to aware ones, a
+    date, a string or a number for a time; a sentiment too large for a float4): the
+    refusal sends the batch here, and the record, not the batch, is rejected. Checked
+    only then, so clean batches pay nothing for it."""
+    sentiment = record.sentiment
+    if sentiment is not None and not -1 <= sentiment <= 1:  # NaN too
+        return "sentiment is outside [-1, 1]"
+    return _time_fields_problem(record)
+
+
+def _time_problem(name: str, at: Any) -> str | None:
+    """Why a timestamp field cannot be stored: only timezone-aware datetimes can (a
+    naive one would be read in the session's TimeZone, a date or a text guessed at)."""
+    if not isinstance(at, datetime):
+        return f"{name} is not a datetime ({type(at).__name__})"
+    try:
+        offset = at.utcoffset()
+    except Exception as error:  # noqa: BLE001 - a tzinfo that fails is the record's problem
+        return f"{name} has a time zone that fails ({type(error).__name__}: {error})"
+    if offset is None:
+        return f"{name} is a naive datetime (no time zone): {at.isoformat()}"
+    return None
+
+
+def _time_fields_problem(record: ConversationRecord) -> str | None:
+    """The thorough timestamp check of a batch checked record by record (also a
+    subclass of datetime, or a tzinfo whose utcoffset is None or fails)."""
+    for name in _TIME_FIELDS:
+        at = getattr(record, name)
+        if at is not None:
+            problem = _time_problem(name, at)
+            if problem is not None:
+                return problem
     return None
 
 
@@ -253,7 +304,11 @@ def _excerpt(record: ConversationRecord) -> str:
 def _printable(value: Any) -> str | None:
     if value is None:
         return None
-    return str(value).replace("\x00", "\\0").encode("utf-8", "replace").decode("utf-8")[:600]
+    try:
+        text = str(value)
+    except Exception:  # noqa: BLE001 - a value we cannot even print is still rejected
+        text = f"<unprintable {type(value).__name__}>"
+    return text.replace("\x00", "\\0").encode("utf-8", "replace").decode("utf-8")[:600]
 
 
 def record_python_rejects(
@@ -275,6 +330,44 @@ def record_python_rejects(
             "excerpts": [_excerpt(r) for r, _ in rejected],
         },
     )
+
+
+@dataclass(frozen=True)
+class SessionReject:
+    """A session the builder could not turn into a record (a message it cannot read)."""
+
+    client_code: str | None  # None when even the discovered row could not be read
+    crew_code: str
+    session_id: str
+    reason: str
+
+    @property
+    def record_key(self) -> str:
+        """The key its record would have (a later successful write clears it)."""
+        return f"{self.crew_code}/{self.session_id}"[:600]
+
+
+def record_session_rejects(
+    conn: psycopg.Connection, rejected: Sequence[SessionReject], source: str
+) -> list[Reject]:
+    """Store why sessions could not be built, in one statement; their Rejects."""
+    if not rejected:
+        return []
+    # One row per key (the last): ON CONFLICT cannot touch a row twice.
+    unique = list({r.record_key: r for r in rejected}.values())
+    conn.execute(
+        query("record_conversation_rejects"),
+        {
+            "keys": [r.record_key for r in unique],
+            "client_codes": [_printable(r.client_code) for r in unique],
+            "crew_codes": [_printable(r.crew_code) for r in unique],
+            "session_ids": [_printable(r.session_id) for r in unique],
+            "sources": [source] * len(unique),
+            "reasons": [_printable(r.reason) for r in unique],
+            "excerpts": [None] * len(unique),
+        },
+    )
+    return [Reject(r.record_key, r.reason) for r in unique]
 
 
 @dataclass
@@ -392,26 +485,30 @@ def _prepare(
     with _collector_paused():
         records = list(records)
         try:
-            rows, python_rejects = _rows(records, check_texts)
-            data = encoder.encode(rows) if rows else b""
-        except (ValueError, TypeError):
-            # A lone surrogate or a value that is not text (a key included): the
-            # checks find it and reject it with its field.
+            rows, kept, python_rejects = _rows(records, check_texts)
+            if check_texts:
+                data = _encode_checked(encoder, rows, kept, python_rejects)
+            else:
+                data = encoder.encode(rows) if rows else b""
+        except Exception:
+            # A lone surrogate, a value that is not text (a key included), a time the
+            # dumper refuses: the checks find it and reject it with its field.
             if check_texts:
                 raise
             return _prepare(encoder, records, check_texts=True)
         row_count = len(rows)
         # Freed before the collector is back: else its first pass walks every row.
-        del rows
+        del rows, kept
     return _Prepared(data, row_count, python_rejects, records, check_texts)
 
 
 def _rows(
     records: list[ConversationRecord], check_texts: bool
-) -> tuple[list[tuple[Any, ...]], list[tuple[ConversationRecord, str]]]:
+) -> tuple[list[tuple[Any, ...]], list[ConversationRecord], list[tuple[ConversationRecord, str]]]:
     rows: list[tuple[Any, ...]] = []
     python_rejects: list[tuple[ConversationRecord, str]] = []
     check = _copy_problem if check_texts else _number_problem
+    kept: list[ConversationRecord] = []
     for record in _last_per_session(records):
         problem = check(record)
         metadata = None
@@ -420,6 +517,8 @@ def _rows(
         if problem is not None:
             python_rejects.append((record, problem))
             continue
+        if check_texts:
+            kept.append(record)
         rows.append(
             (
                 record.client_code,
@@ -440,7 +539,32 @@ def _rows(
                 record.last_message_at,
             )
         )
-    return rows, python_rejects
+    return rows, kept, python_rejects
+
+
+def _encode_checked(
+    encoder: _Encoder,
+    rows: list[tuple[Any, ...]],
+    kept: list[ConversationRecord],
+    python_rejects: list[tuple[ConversationRecord, str]],
+) -> bytes:
+    """A checked batch's COPY data. Whatever the checks missed and the encoding still
+    refuses is the record's fault, never the batch's: when the whole fails, each row
+    is encoded alone to find the ones to reject, with the encoder's error."""
+    try:
+        return encoder.encode(rows) if rows else b""
+    except Exception:  # noqa: BLE001 - found row by row below
+        pass
+    good_rows: list[tuple[Any, ...]] = []
+    for row, record in zip(rows, kept, strict=True):
+        try:
+            encoder.encode([row])
+        except Exception as error:  # noqa: BLE001 - any refusal rejects this record only
+            python_rejects.append((record, f"cannot be encoded: {type(error).__name__}: {error}"))
+            continue
+        good_rows.append(row)
+    rows[:] = good_rows
+    return encoder.encode(rows) if rows else b""
 
 
 def _last_per_session(records: list[ConversationRecord]) -> Iterable[ConversationRecord]:
@@ -489,6 +613,13 @@ def _write_batch(conn: psycopg.Connection, batch: _Prepared, source: str) -> Ups
                 query("reject_staged_conversations"), {"source": source}
             ).fetchall()
             inserted, written = cur.execute(query("upsert_staged_conversations")).fetchone()
+            if written < batch.row_count - len(sql_rejects):
+                # Rows left unwritten: unchanged, or another client's conversation that
+                # the upsert's guard kept. A statement of its own, so that its snapshot
+                # sees a row another writer committed while the upsert waited on it.
+                sql_rejects += cur.execute(
+                    query("reject_staged_of_other_clients"), {"source": source}
+                ).fetchall()
         if nested:
             conn.execute("TRUNCATE conversation_stage")
     report.inserted = inserted

@@ -27,10 +27,13 @@ from conversation_assets.conversations import build_conversations
 from conversation_assets.discovery import discover
 from conversation_assets.embedded import scratch_database
 from conversation_assets.embedding import embed_backlog
+from conversation_assets.enrichment import enrich
 from conversation_assets.store import (
+    BLANK_CHARACTERS,
     BulkUpsertError,
     ConversationRecord,
     conversation_id,
+    is_blank,
     upsert_conversations,
     upsert_conversations_in_batches,
 )
@@ -38,11 +41,9 @@ from jobs import INCREMENTAL_RUN_CONFIG
 from resources.embeddings import DimensionMismatchError, EmbeddingResource
 from resources.summarizer import SummarizerResource
 from sensors import build_embedding_backlog_sensor
-from tests import test_summarizer
+from tests.fakes import fake_summary
 from tests.sources import add_crew, stats_flush, table_id
-from tests.test_summarizer import fake_summary
 
-chat = test_summarizer.chat  # the local LLM server fixture (ollama and openai protocols)
 DAY = datetime(2026, 11, 20, 9, 0, tzinfo=UTC)
 WIDE = (datetime(2000, 1, 1, tzinfo=UTC), datetime(2100, 1, 1, tzinfo=UTC))
 
@@ -752,7 +753,8 @@ def test_an_llm_summarizer_that_fails_leaves_the_extractive_summary(conn, postgr
     assert rows(conn, "summary, metadata->>'summarizer'") == [("Where is my parcel?", "extractive")]
 
 
-def test_the_asset_stores_an_llm_summary_from_an_ollama_server(conn, postgres, chat):
+def test_the_asset_stores_an_llm_summary_from_an_ollama_server(conn, postgres, model_server):
+    chat = model_server  # conftest's local Ollama- and OpenAI-compatible server
     add_crew(conn, "crew", "acme", "histories", "seed000")
     say(conn, "histories", "s1", "human", "Where is my parcel?", DAY)
     say(conn, "histories", "s1", "ai", "It ships today.", DAY + timedelta(seconds=5))
@@ -905,3 +907,170 @@ def test_embedding_asset_and_backlog_sensor(conn, postgres):
     metadata = result.asset_materializations_for_node("conversation_embeddings")[0].metadata
     assert metadata["embedded"].value == 2 and metadata["backlog_left"].value == 0
     assert isinstance(tick(), dg.SkipReason)
+
+
+# --- one item never stops the rest -----------------------------------------------------
+
+
+def nested(levels: int) -> str:
+    """A valid message (jsonb holds it) nested deeper than Python's json can parse."""
+    return '{"type": "human", "content": "deep", "x": ' + "[" * levels + "]" * levels + "}"
+
+
+def rejects(conn):
+    return dict(conn.execute("SELECT record_key, reason FROM conversation_rejects"))
+
+
+def test_a_message_too_deep_for_python_rejects_its_session_and_the_queue_moves_on(conn, postgres):
+    add_crew(conn, "a", "acme", "a_histories", "seed000")
+    add_crew(conn, "b", "globex", "b_histories", "seed000")
+    say(conn, "a_histories", "ok1", "human", "hello from acme", DAY)
+    say(conn, "a_histories", "deep", "human", "a normal first message", DAY)
+    deep_id = conn.execute(
+        sql.SQL(
+            "INSERT INTO {} (session_id, message, created_at) VALUES ('deep', %s, %s) RETURNING id"
+        ).format(table_id("a_histories")),
+        (nested(2500), DAY + timedelta(seconds=1)),
+    ).fetchone()[0]
+    say(conn, "b_histories", "ok2", "human", "hello from globex", DAY)
+
+    report = run_pipeline(postgres, batch_sessions=10)
+
+    assert rows(conn, "session_id, client_code") == [("ok1", "acme"), ("ok2", "globex")]
+    reason = rejects(conn)["a/deep"]
+    assert reason.startswith(f"histories row {deep_id}: message is nested too deeply")
+    assert [r.record_key for r in report.written.rejects] == ["a/deep"]
+    assert report.queue_left == 0  # settled, not left first in the queue
+    assert conn.execute(
+        "SELECT client_code, crew_code, session_id, source FROM conversation_rejects"
+    ).fetchall() == [("acme", "a", "deep", "pipeline")]
+    # Enrichment behind it goes on too.
+    assert enrich(postgres.pool, mode="incremental").written == 2
+
+    # A change to the session queues it again: retried (and still refused).
+    say(conn, "a_histories", "deep", "ai", "still there", DAY + timedelta(seconds=2))
+    stats_flush(conn)
+    again = run_pipeline(postgres)
+    assert [r.record_key for r in again.written.rejects] == ["a/deep"] and again.queue_left == 0
+
+
+def test_rows_and_discovered_times_python_cannot_load_reject_only_their_sessions(conn, postgres):
+    add_crew(conn, "a", "acme", "a_histories", "seed000")
+    for session in ("good", "late", "endless"):
+        say(conn, "a_histories", session, "human", f"hello {session}", DAY)
+    discover(postgres.pool, reconcile_after=timedelta(0))
+    # Valid timestamptz values past what a Python datetime holds, as another writer
+    # could leave them between discovery and the build.
+    conn.execute("UPDATE a_histories SET created_at = '10000-01-01' WHERE session_id = 'late'")
+    conn.execute(
+        "UPDATE discovered_sessions SET started_at = '-infinity' WHERE session_id = 'endless'"
+    )
+
+    report = build_conversations(postgres.pool)
+
+    assert rows(conn, "session_id") == [("good",)]
+    found = rejects(conn)
+    assert found["a/late"].startswith("its messages cannot be read:")
+    assert found["a/endless"].startswith("its discovered session cannot be read:")
+    assert report.queue_left == 0
+
+
+def test_a_summarizer_answering_the_wrong_count_or_type_keeps_extractive_summaries(conn, postgres):
+    add_crew(conn, "crew", "acme", "histories", "seed000")
+    say(conn, "histories", "s1", "human", "Where is my parcel?", DAY)
+    say(conn, "histories", "s2", "human", "Where is my refund?", DAY)
+    discover(postgres.pool)
+    report = build_conversations(postgres.pool, summarize=lambda texts: [])
+    assert "0 summaries for 2 transcripts" in report.summarizer_errors[0]
+    assert report.queue_left == 0 and len(rows(conn)) == 2
+
+    say(conn, "histories", "s1", "ai", "Today.", DAY + timedelta(seconds=5))
+    stats_flush(conn)
+    discover(postgres.pool)
+    build_conversations(postgres.pool, summarize=lambda texts: [{"not": "text"}] * len(texts))
+    assert rows(conn, "session_id, metadata->>'summarizer'")[0] == ("s1", "extractive")
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "reason"),
+    [
+        ("created_at", datetime(2026, 1, 1, 9), "created_at is a naive datetime"),
+        ("last_message_at", "2026-01-01T09:00:00Z", "last_message_at is not a datetime (str)"),
+        ("source_updated_at", DAY.date(), "source_updated_at is not a datetime (date)"),
+        ("created_at", 1_767_258_000, "created_at is not a datetime (int)"),
+        ("sentiment", 1e300, "sentiment is outside [-1, 1]"),
+        ("sentiment", 10**400, "sentiment is outside [-1, 1]"),
+        ("sentiment", float("nan"), "sentiment is outside [-1, 1]"),
+        ("sentiment", "0.5", "sentiment is not a number (str)"),
+        ("message_count", True, "message_count is not an integer (bool)"),
+        ("metadata", {"at": DAY}, "metadata is not JSON"),
+        ("channel", 7, "channel is not text (int)"),
+    ],
+)
+def test_a_value_of_the_wrong_type_rejects_its_record_and_the_rest_lands(
+    conn, field, value, reason
+):
+    good = [record("a"), record("c", created_at=DAY + timedelta(minutes=1))]
+    report = upsert_conversations(conn, [good[0], record("b", **{field: value}), good[1]])
+
+    assert report.inserted == 2
+    assert [r[0] for r in rows(conn)] == ["a", "c"]
+    assert [r.record_key for r in report.rejects] == ["crew/b"]
+    assert rejects(conn)["crew/b"].startswith(reason)
+
+
+def test_an_aware_subclass_of_datetime_is_stored(conn):
+    class Moment(datetime):
+        pass
+
+    at = Moment(2026, 11, 20, 9, tzinfo=UTC)
+    report = upsert_conversations(conn, [record("a", created_at=at, source_updated_at=at)])
+    assert report.inserted == 1 and not report.rejects
+
+
+@pytest.mark.parametrize(
+    "session_id", ["\n", "\t", "   ", "\r\n", "\u3000", "\u00a0\u2003", "\u2028"]
+)
+def test_a_key_made_only_of_whitespace_is_rejected_whatever_the_whitespace(conn, session_id):
+    report = upsert_conversations(conn, [record(session_id), record("ok", user_id="\t\u205f")])
+    assert report.inserted == 0
+    assert sorted(r.reason for r in report.rejects) == [
+        "session_id is missing or empty",
+        "user_id is missing or empty",
+    ]
+
+
+def test_python_and_postgresql_agree_on_what_is_blank(conn):
+    blank_in_sql = {
+        chr(row[0])
+        for row in conn.execute(
+            "SELECT i FROM generate_series(1, 1114111) AS i "
+            "WHERE i NOT BETWEEN 55296 AND 57343 AND conversation_key_is_blank(chr(i))"
+        )
+    }
+    assert blank_in_sql == set(BLANK_CHARACTERS)
+    assert {c for c in map(chr, range(1, 0x110000)) if is_blank(c)} == blank_in_sql
+    # Unicode's White_Space: str.isspace() less U+001C-U+001F (separators, not space).
+    assert blank_in_sql == {c for c in map(chr, range(0x110000)) if c.isspace()} - set(
+        "\x1c\x1d\x1e\x1f"
+    )
+    # The same list as discovery's rule for session ids (migration 0005), when present.
+    if conn.execute("SELECT to_regproc('session_id_is_blank') IS NOT NULL").fetchone()[0]:
+        assert conn.execute(
+            "SELECT bool_and(session_id_is_blank(c) = conversation_key_is_blank(c)) "
+            "FROM unnest(%s::text[]) AS c",
+            ([*BLANK_CHARACTERS, "\x1c", "a", " a ", ""],),
+        ).fetchone()[0]
+
+
+def test_the_write_path_guards_migration_goes_down_and_up(server_url):
+    with (
+        scratch_database(server_url, "cp_guards") as url,
+        psycopg.connect(url, autocommit=True) as c,
+    ):
+        migrate.upgrade(c)
+        migrate.downgrade(c, 5)
+        assert c.execute("SELECT to_regclass('enrichment_rejects')").fetchone()[0] is None
+        assert c.execute("SELECT to_regproc('conversation_key_is_blank')").fetchone()[0] is None
+        migrate.upgrade(c)
+        assert c.execute("SELECT conversation_key_is_blank(E'\\u3000')").fetchone()[0]

@@ -737,3 +737,42 @@ def test_metrics_p95_is_the_95th_percentile_of_each_group(conn, postgres):
     # Interpolated as percentile_cont: position 0.95 * 19 = 18.05 between 19 and 20 min.
     assert rows["web"] == pytest.approx(19.05 * 60)
     assert rows["whatsapp"] == pytest.approx((21 + 0.95) * 60)
+
+
+# --- one conversation never stops the rest ---------------------------------------------
+
+
+def test_a_conversation_that_cannot_be_enriched_is_rejected_and_the_queue_moves_on(conn, postgres):
+    seed(conn, 6)
+    # A value PostgreSQL holds and Python cannot (its day is loaded by psycopg).
+    conn.execute("UPDATE conversations SET created_at = 'infinity' WHERE session_id = 's3'")
+    bad = conversation_id("crew", "s3")
+
+    report = incremental(postgres, batch_size=4)
+
+    assert report.written == 5 and report.queue_left == 0
+    assert [key for key, _ in report.rejects] == [bad]
+    stored = conn.execute("SELECT conversation_id, client_code, reason FROM enrichment_rejects")
+    assert [(r[0], r[1]) for r in stored] == [(bad, "acme")]
+    assert bad not in {r[0] for r in enriched(conn, "id")}
+
+    # Fixed, the conversation is queued again, enriched, and its reject cleared.
+    conn.execute("UPDATE conversations SET created_at = %s WHERE session_id = 's3'", (DAY,))
+    fixed = incremental(postgres)
+    assert fixed.written == 1 and not fixed.rejects
+    assert conn.execute("SELECT count(*) FROM enrichment_rejects").fetchone() == (0,)
+
+
+def test_a_full_refresh_rejects_what_it_cannot_enrich_and_does_the_rest(conn, postgres):
+    seed(conn, 4)
+    incremental(postgres)
+    conn.execute("UPDATE conversations SET created_at = 'infinity' WHERE session_id = 's1'")
+    conn.execute("UPDATE conversations SET summary = 'changed' WHERE session_id <> 's1'")
+    conn.execute("TRUNCATE enrichment_queue")
+
+    # s1 is chosen through its enriched row, filed under the window.
+    report = enrich(postgres.pool, mode="full", window=EVERY_DAY)
+
+    assert [key for key, _ in report.rejects] == [conversation_id("crew", "s1")]
+    assert report.written == 3
+    assert sorted(r[0] for r in enriched(conn, "summary")) == ["changed"] * 3 + ["hello from s1"]

@@ -71,7 +71,10 @@ RETURNING r.record_key, r.reason;
 -- deletions are kept; a deletion because the source rows were gone is undone now
 -- that they are back. A record stored now (every row left in the stage) clears
 -- its earlier reject, in the same statement. Answers two counts, not a row per
--- conversation: the client needs only the totals.
+-- conversation: the client needs only the totals. A conversation never changes
+-- client: the guard in DO UPDATE's WHERE is evaluated on the row as it is when the
+-- conflict is settled (a concurrent writer's committed row included), and a row it
+-- keeps is rejected by reject_staged_of_other_clients.
 WITH cleared AS (
     DELETE FROM conversation_rejects AS r
     USING conversation_stage AS s
@@ -96,8 +99,7 @@ WITH cleared AS (
                     s.created_at, now())
     FROM conversation_stage AS s
     ON CONFLICT (id) DO UPDATE
-    SET client_code = EXCLUDED.client_code,
-        user_id = EXCLUDED.user_id,
+    SET user_id = EXCLUDED.user_id,
         channel = EXCLUDED.channel,
         summary = EXCLUDED.summary,
         full_conversation = EXCLUDED.full_conversation,
@@ -113,7 +115,8 @@ WITH cleared AS (
         last_message_at = EXCLUDED.last_message_at,
         deleted_at = CASE WHEN c.deleted_by = 'source' THEN NULL ELSE c.deleted_at END,
         deleted_by = CASE WHEN c.deleted_by = 'source' THEN NULL ELSE c.deleted_by END
-    WHERE (c.source_updated_at IS NULL OR EXCLUDED.source_updated_at IS NULL
+    WHERE c.client_code = EXCLUDED.client_code
+      AND (c.source_updated_at IS NULL OR EXCLUDED.source_updated_at IS NULL
            OR EXCLUDED.source_updated_at >= c.source_updated_at)
       AND ((c.client_code, c.user_id, c.channel, c.summary, c.full_conversation, c.metadata,
             c.message_count, c.sentiment, c.language, c.content_hash, c.source_updated_at,
@@ -128,6 +131,28 @@ WITH cleared AS (
     RETURNING (c.xmax = 0) AS inserted
 )
 SELECT count(*) FILTER (WHERE inserted) AS inserted, count(*) AS written FROM written;
+
+-- name: reject_staged_of_other_clients
+-- Staged rows whose conversation belongs to another client (the upsert's guard
+-- kept it as it was): rejected, naming both clients. Run after the upsert, in the
+-- same transaction, so that it sees a row another writer committed meanwhile.
+INSERT INTO conversation_rejects AS r (
+    record_key, client_code, crew_code, session_id, source, reason, record_excerpt)
+SELECT left(s.crew_code || '/' || s.session_id, 600), s.client_code, s.crew_code,
+       s.session_id, %(source)s,
+       'conversation ' || c.id || ' belongs to client ' || quote_literal(c.client_code)
+           || ', not ' || quote_literal(s.client_code)
+           || ': a write never moves a conversation to another client',
+       left(row_to_json((SELECT x FROM (SELECT s.client_code, s.crew_code, s.session_id,
+           s.user_id, s.channel, s.summary) AS x))::text, 500)
+FROM conversation_stage AS s
+JOIN conversations AS c ON c.id = conversation_id(s.crew_code, s.session_id)
+WHERE c.client_code <> s.client_code
+ON CONFLICT (record_key) DO UPDATE
+SET client_code = EXCLUDED.client_code, crew_code = EXCLUDED.crew_code,
+    session_id = EXCLUDED.session_id, source = EXCLUDED.source, reason = EXCLUDED.reason,
+    record_excerpt = EXCLUDED.record_excerpt, last_seen_at = now()
+RETURNING r.record_key, r.reason;
 
 -- name: soft_delete_gone_sessions
 -- Sessions whose source rows are gone: the conversation stays, marked deleted.

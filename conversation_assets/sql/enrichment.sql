@@ -125,6 +125,27 @@ DELETE FROM enrichment_queue AS q
 USING unnest(%(ids)s::uuid[], %(versions)s::bigint[]) AS b(conversation_id, version)
 WHERE q.conversation_id = b.conversation_id AND q.version = b.version;
 
+-- name: record_enrichment_rejects
+-- Conversations the refresh could not enrich, with the reason (client_code for
+-- whoever looks), and their queue entries settled at the version tried. Called
+-- after lock_enriched_entries, in its transaction.
+WITH refused AS (
+    SELECT DISTINCT ON (r.id) r.id, r.version, r.reason
+    FROM unnest(%(ids)s::uuid[], %(versions)s::bigint[], %(reasons)s::text[])
+         AS r(id, version, reason)
+    ORDER BY r.id
+),
+saved AS (
+    INSERT INTO enrichment_rejects AS e (conversation_id, client_code, reason)
+    SELECT f.id, (SELECT c.client_code FROM conversations AS c WHERE c.id = f.id), f.reason
+    FROM refused AS f
+    ON CONFLICT (conversation_id) DO UPDATE
+    SET client_code = EXCLUDED.client_code, reason = EXCLUDED.reason, last_seen_at = now()
+)
+DELETE FROM enrichment_queue AS q
+USING refused AS f
+WHERE q.conversation_id = f.id AND q.version = f.version;
+
 -- name: window_conversation_ids
 -- Every conversation filed under a partition now, or enriched under it before.
 SELECT c.id FROM conversations AS c
@@ -186,6 +207,13 @@ fresh AS (
 ),
 before AS (
     SELECT e.id, e.created_at FROM enriched_conversations AS e JOIN chosen AS k USING (id)
+),
+-- An earlier reject of a conversation enriched (or removed) now is void; the
+-- EXISTS skips the join while there are none.
+cleared AS (
+    DELETE FROM enrichment_rejects AS r
+    USING chosen AS k
+    WHERE r.conversation_id = k.id AND EXISTS (SELECT 1 FROM enrichment_rejects)
 ),
 removed AS (
     DELETE FROM enriched_conversations AS e
