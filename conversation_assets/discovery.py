@@ -40,15 +40,6 @@ _JSON_TYPES = {"jsonb", "json"}
 _EXACT_TEXT_TYPES = {"uuid", "int2", "int4", "int8"}
 _TEXT_TYPES = {"text", "varchar"}
 
-# The characters session_id_is_blank (migration 0005) trims: Unicode's White_Space
-# set. A session id made only of these (or empty) is rejected. For Python code that
-# must apply the same rule: ``not session_id.strip(SESSION_ID_WHITESPACE)``. Not
-# str.isspace(), which also counts U+001C-U+001F.
-SESSION_ID_WHITESPACE = (
-    "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007"
-    "\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000"
-)
-
 log = logging.getLogger(__name__)
 
 

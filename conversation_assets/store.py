@@ -72,8 +72,8 @@ _STAGE_TYPES = (
 _INT4 = range(-(2**31), 2**31)  # the binary COPY would wrap a larger message_count
 _TIME_FIELDS = ("created_at", "last_message_at", "source_updated_at")
 # Unicode's White_Space characters: a key made only of them is blank. The same list
-# as the SQL conversation_key_is_blank (migration 0006) and discovery's
-# session_id_is_blank; not str.isspace(), which adds U+001C-U+001F.
+# as the SQL text_is_blank (migration 0005), used by discovery, the write path and
+# the inbox; not str.isspace(), which adds U+001C-U+001F.
 BLANK_CHARACTERS = (
     "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006"
     "\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000"
@@ -107,7 +107,7 @@ def content_hash(text: str | None) -> bytes:
 
 def is_blank(text: str) -> bool:
     """Empty once every Unicode White_Space character is stripped: the rule the
-    database applies to a conversation's keys (conversation_key_is_blank)."""
+    database applies to every key (text_is_blank)."""
     return not text.strip(BLANK_CHARACTERS)
 
 

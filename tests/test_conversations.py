@@ -1045,7 +1045,7 @@ def test_python_and_postgresql_agree_on_what_is_blank(conn):
         chr(row[0])
         for row in conn.execute(
             "SELECT i FROM generate_series(1, 1114111) AS i "
-            "WHERE i NOT BETWEEN 55296 AND 57343 AND conversation_key_is_blank(chr(i))"
+            "WHERE i NOT BETWEEN 55296 AND 57343 AND text_is_blank(chr(i))"
         )
     }
     assert blank_in_sql == set(BLANK_CHARACTERS)
@@ -1054,13 +1054,6 @@ def test_python_and_postgresql_agree_on_what_is_blank(conn):
     assert blank_in_sql == {c for c in map(chr, range(0x110000)) if c.isspace()} - set(
         "\x1c\x1d\x1e\x1f"
     )
-    # The same list as discovery's rule for session ids (migration 0005), when present.
-    if conn.execute("SELECT to_regproc('session_id_is_blank') IS NOT NULL").fetchone()[0]:
-        assert conn.execute(
-            "SELECT bool_and(session_id_is_blank(c) = conversation_key_is_blank(c)) "
-            "FROM unnest(%s::text[]) AS c",
-            ([*BLANK_CHARACTERS, "\x1c", "a", " a ", ""],),
-        ).fetchone()[0]
 
 
 def test_the_write_path_guards_migration_goes_down_and_up(server_url):
@@ -1068,9 +1061,14 @@ def test_the_write_path_guards_migration_goes_down_and_up(server_url):
         scratch_database(server_url, "cp_guards") as url,
         psycopg.connect(url, autocommit=True) as c,
     ):
+        reason = (
+            "SELECT conversation_reject_reason('acme', 'crew', E'\\t', 'u', 'web', 'active', "
+            "1, 0, '{}')"
+        )
         migrate.upgrade(c)
+        assert c.execute(reason).fetchone() == ("session_id is missing or empty",)
         migrate.downgrade(c, 5)
         assert c.execute("SELECT to_regclass('enrichment_rejects')").fetchone()[0] is None
-        assert c.execute("SELECT to_regproc('conversation_key_is_blank')").fetchone()[0] is None
+        assert c.execute(reason).fetchone() == (None,)  # the first rule: spaces only
         migrate.upgrade(c)
-        assert c.execute("SELECT conversation_key_is_blank(E'\\u3000')").fetchone()[0]
+        assert c.execute(reason).fetchone() == ("session_id is missing or empty",)

@@ -19,7 +19,6 @@ from conversation_assets.assets.discovery import (
 )
 from conversation_assets.conversations import fetch_messages
 from conversation_assets.discovery import (
-    SESSION_ID_WHITESPACE,
     discover,
     inspect_source,
     load_crews,
@@ -384,23 +383,6 @@ def test_one_whitespace_rule_for_session_ids(conn, postgres):
     insert(conn, "loose_histories", "seed000", [(s, "ai", later) for s in NOT_BLANK])
     discover(postgres.pool)
     assert set(_live(conn, "crew")) == {"known", *NOT_BLANK}
-
-
-def test_the_python_whitespace_set_is_the_sql_rule(conn):
-    """store.py and any other Python filter use SESSION_ID_WHITESPACE; it must say what
-    session_id_is_blank says, for every character that is whitespace to either."""
-    candidates = {chr(c) for c in range(0x3001) if chr(c).isspace()} | set(SESSION_ID_WHITESPACE)
-    candidates |= {"\x1c", "\x1f", "\u200b", "\ufeff", "a"}
-    values = sorted(candidates - {"\x00"})
-    in_sql = conn.execute(
-        "SELECT v, session_id_is_blank(v) FROM unnest(%s::text[]) AS v", (values,)
-    ).fetchall()
-    assert {v: blank for v, blank in in_sql} == {
-        v: not v.strip(SESSION_ID_WHITESPACE) for v in values
-    }
-    assert conn.execute("SELECT session_id_is_blank(%s)", (SESSION_ID_WHITESPACE,)).fetchone() == (
-        True,
-    )
 
 
 def test_reject_rule_survives_a_downgrade_round_trip(conn):

@@ -16,4 +16,4 @@ RETURN CASE
     WHEN jsonb_typeof(message -> 'type') IS DISTINCT FROM 'string' THEN 'message has no "type"'
 END;
 DROP FUNCTION IF EXISTS discovery_session_id_problem(text);
-DROP FUNCTION IF EXISTS session_id_is_blank(text);
+DROP FUNCTION IF EXISTS text_is_blank(text);

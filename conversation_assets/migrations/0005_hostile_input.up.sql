@@ -1,19 +1,19 @@
 -- Hostile input: one rule for blank session ids, json messages that jsonb cannot
 -- hold, and crew and client codes that are safe to print into SQL and logs.
 
--- The one rule for a blank session id, for every statement that filters session
--- ids (discovery's rejects, the sensor's probe, the conversations builder): the id
--- is blank when nothing is left once every Unicode White_Space character is
--- trimmed from both ends, i.e. it is empty or made only of U+0009-U+000D, U+0020,
--- U+0085, U+00A0, U+1680, U+2000-U+200A, U+2028, U+2029, U+202F, U+205F, U+3000.
--- An explicit list, not [[:space:]]: that class follows the database's locale,
--- and a rule that changes with the locale cannot be IMMUTABLE. Python's
--- str.isspace() is not the same set (it adds U+001C-U+001F): Python code uses
--- discovery.SESSION_ID_WHITESPACE, which a test keeps equal to this list.
-CREATE FUNCTION session_id_is_blank(session_id text)
+-- The one rule for a blank key (a session id, a client or crew code, a user id),
+-- for every statement that checks one: discovery's rejects, the sensor's probe,
+-- the write path and the inbox. A value is blank when nothing is left once every
+-- Unicode White_Space character is trimmed from both ends, i.e. it is empty or
+-- made only of U+0009-U+000D, U+0020, U+0085, U+00A0, U+1680, U+2000-U+200A,
+-- U+2028, U+2029, U+202F, U+205F, U+3000. An explicit list, not [[:space:]]: that
+-- class follows the database's locale, and a rule that changes with the locale
+-- cannot be IMMUTABLE. Python's str.isspace() is not the same set (it adds
+-- U+001C-U+001F): Python code uses store.is_blank, which a test keeps equal.
+CREATE FUNCTION text_is_blank(value text)
 RETURNS boolean
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
-RETURN btrim(session_id, E'\t\n\u000b\f\r \u0085\u00a0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000') = '';
+RETURN btrim(value, E'\t\n\u000b\f\r \u0085\u00a0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000') = '';
 
 -- Why a session id cannot be used (NULL when it can): rejects and the sensor's
 -- probe of new work apply the same rule. 'session_id is empty' keeps the first
@@ -23,7 +23,7 @@ RETURNS text
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 RETURN CASE
     WHEN session_id IS NULL THEN 'session_id is null'
-    WHEN session_id_is_blank(session_id) THEN 'session_id is empty'
+    WHEN text_is_blank(session_id) THEN 'session_id is empty'
     WHEN length(session_id) > 255 THEN 'session_id is longer than 255 characters'
 END;
 
@@ -66,7 +66,7 @@ END;
 
 -- Crew and client codes end up in printed SQL (track-deletes), log lines and
 -- advisory lock keys: 1 to 100 characters, none of them a control character
--- (U+0000-U+001F, U+007F-U+009F), whitespace (the list of session_id_is_blank)
+-- (U+0000-U+001F, U+007F-U+009F), whitespace (the list of text_is_blank)
 -- or an invisible formatting character (U+200B-U+200F, U+202A-U+202E,
 -- U+2060-U+2064, U+2066-U+2069, U+FEFF). Letters of any script, digits,
 -- punctuation and symbols are all allowed.

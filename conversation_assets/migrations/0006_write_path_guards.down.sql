@@ -21,4 +21,3 @@ RETURN CASE
     WHEN jsonb_typeof(metadata) IS DISTINCT FROM 'object'
         THEN 'metadata is not a JSON object (' || coalesce(jsonb_typeof(metadata), 'null') || ')'
 END;
-DROP FUNCTION IF EXISTS conversation_key_is_blank(text);

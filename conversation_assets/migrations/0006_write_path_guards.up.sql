@@ -1,18 +1,6 @@
--- Write path guards: one whitespace rule for the keys of a stored conversation,
--- and the rejects of the enrichment refresh (a conversation it cannot enrich is
--- set aside with its reason instead of stopping the queue behind it).
-
--- Whether a key is blank: nothing left once every Unicode White_Space character
--- is trimmed from both ends (U+0009-U+000D, U+0020, U+0085, U+00A0, U+1680,
--- U+2000-U+200A, U+2028, U+2029, U+202F, U+205F, U+3000): the same list as
--- discovery's session_id_is_blank, so a session discovery keeps is one the writer
--- keeps. An explicit list, not btrim's default (spaces only) nor [[:space:]]
--- (locale-dependent). store.BLANK_CHARACTERS is the same list for Python; a test
--- keeps the two equal.
-CREATE FUNCTION conversation_key_is_blank(value text)
-RETURNS boolean
-LANGUAGE sql IMMUTABLE PARALLEL SAFE
-RETURN btrim(value, E'\t\n\u000b\f\r \u0085\u00a0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000') = '';
+-- Write path guards: one whitespace rule (text_is_blank, 0005) for the keys of a
+-- stored conversation, and the rejects of the enrichment refresh (a conversation
+-- it cannot enrich is set aside with its reason instead of stopping the queue).
 
 -- Same signature and reasons as in 0003_conversations, with the rule above for
 -- every key (a session id of "\n" or "\t" was stored while "   " was refused).
@@ -22,14 +10,14 @@ CREATE OR REPLACE FUNCTION conversation_reject_reason(
 RETURNS text
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 RETURN CASE
-    WHEN client_code IS NULL OR conversation_key_is_blank(client_code)
+    WHEN client_code IS NULL OR text_is_blank(client_code)
         THEN 'client_code is missing or empty'
-    WHEN crew_code IS NULL OR conversation_key_is_blank(crew_code)
+    WHEN crew_code IS NULL OR text_is_blank(crew_code)
         THEN 'crew_code is missing or empty'
-    WHEN session_id IS NULL OR conversation_key_is_blank(session_id)
+    WHEN session_id IS NULL OR text_is_blank(session_id)
         THEN 'session_id is missing or empty'
     WHEN length(session_id) > 255 THEN 'session_id is longer than 255 characters'
-    WHEN user_id IS NULL OR conversation_key_is_blank(user_id) THEN 'user_id is missing or empty'
+    WHEN user_id IS NULL OR text_is_blank(user_id) THEN 'user_id is missing or empty'
     WHEN length(channel) > 50 THEN 'channel is longer than 50 characters'
     WHEN status IS NULL OR status NOT IN ('active', 'closed', 'handoff_complete', 'archived')
         THEN 'status ' || coalesce(quote_literal(status), 'NULL')
