@@ -10,6 +10,7 @@ from datetime import UTC, date, datetime
 
 import psycopg
 
+from conversation_assets import arguments
 from conversation_assets.queries import query
 
 
@@ -32,6 +33,8 @@ class ChannelFigures:
 
 
 def _check_days(first_day: date, last_day: date) -> None:
+    arguments.day("first_day", first_day)
+    arguments.day("last_day", last_day)
     if last_day < first_day:
         raise ValueError(f"last_day {last_day} is before first_day {first_day}")
 
@@ -40,6 +43,7 @@ def daily_series(
     conn: psycopg.Connection, client_code: str, first_day: date, last_day: date
 ) -> list[DayFigures]:
     """One entry per day that has conversations, from ``conversation_metrics``."""
+    arguments.text("client_code", client_code)
     _check_days(first_day, last_day)
     rows = conn.execute(
         query("dashboard_daily_series"),
@@ -64,9 +68,9 @@ def top_channels(
     conn: psycopg.Connection, client_code: str, first_day: date, last_day: date, limit: int = 5
 ) -> list[ChannelFigures]:
     """The channels with the most conversations started in the days, most first."""
+    arguments.text("client_code", client_code)
     _check_days(first_day, last_day)
-    if limit < 1:
-        raise ValueError(f"limit must be at least 1, got {limit}")
+    arguments.whole_number("limit", limit, 1)
     rows = conn.execute(
         query("dashboard_top_channels"),
         {"client_code": client_code, "first_day": first_day, "last_day": last_day, "limit": limit},
@@ -81,7 +85,8 @@ def last_24_hours(
     """Conversations started in each of the 24 UTC hours up to ``now``, oldest first,
     zeros included: past hours from ``performance_stats`` when their figures are
     current, the current hour (and any stale one) counted live."""
-    at = now or datetime.now(UTC)
+    arguments.text("client_code", client_code)
+    at = arguments.aware_time("now", now) or datetime.now(UTC)
     rows = conn.execute(
         query("dashboard_last_24_hours"), {"client_code": client_code, "now": at}, prepare=False
     ).fetchall()

@@ -1,10 +1,11 @@
 """The product's queries: list, get, semantic search, soft delete, status, tags, stats.
 
-Seed 002's GET route and seed 001's lookups, rewritten over the pipeline's
-`conversations` table. Every function takes the client first and every
-statement is keyed by it (tenancy is an invariant, not a filter the caller may
-forget); list and search never return soft-deleted rows. SQL lives in
-``sql/reads.sql``; values always travel as parameters.
+The list with filters and tags a chat product's conversation page needs, and
+its per-user lookups, over the pipeline's `conversations` table. Every function
+takes the client first and every statement is keyed by it (tenancy is an
+invariant, not a filter the caller may forget); list and search never return
+soft-deleted rows. SQL lives in ``sql/reads.sql``; values always travel as
+parameters. A wrong argument is a ValueError naming it (``arguments``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 import psycopg
 from psycopg import sql
 
+from conversation_assets import arguments
 from conversation_assets.queries import query
 from conversation_assets.store import STATUSES
 from resources.embeddings import EmbeddingResource
@@ -36,6 +38,7 @@ MAX_EF_SEARCH = 1000  # pgvector's upper bound for hnsw.ef_search
 # 100k vectors over 20 clients 10,000 gave the best p95 (benchmarks/README.md).
 EXACT_BELOW = 10_000
 MAX_TAG_LENGTH = 100  # conversation_tags' check constraint
+SEARCH_SEPARATOR = "\x1f"  # between the parts of conversation_search_text (migration 0007)
 
 
 @dataclass
@@ -137,19 +140,23 @@ def _uuid(conversation_id: uuid.UUID | str) -> uuid.UUID:
 
 
 def _like_pattern(search: str) -> str:
-    """A substring pattern matching `search` literally (%, _ and \\ escaped)."""
+    """A substring pattern matching `search` literally (%, _ and \\ escaped).
+
+    The searched text joins its parts with U+001F (conversation_search_text), so a
+    search holding it could match across two parts: it is refused.
+    """
+    if SEARCH_SEPARATOR in search:
+        raise ValueError("search must not contain the control character U+001F")
     escaped = search.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
     return f"%{escaped}%"
 
 
-def _clean_tags(tags: Iterable[str]) -> list[str]:
-    """Trimmed, non-empty, unique (first occurrence order) tags."""
-    if isinstance(tags, str):
-        raise ValueError("tags must be a collection of strings, not one string")
+def _clean_tags(
+    tags: Iterable[str] | None, name: str = "tags", optional: bool = False
+) -> list[str]:
+    """Trimmed, non-empty, unique (first occurrence order) tags; a filter may be None."""
     cleaned: dict[str, None] = {}
-    for tag in tags:
-        if not isinstance(tag, str):
-            raise ValueError(f"tag {tag!r} is not a string")
+    for tag in arguments.strings(name, tags, optional=optional):
         tag = tag.strip()
         if not tag:
             continue
@@ -168,31 +175,26 @@ def _list_statement(
     start: datetime | None = None,
     end: datetime | None = None,
     search: str | None = None,
-    include_tags: Iterable[str] = (),
-    exclude_tags: Iterable[str] = (),
+    include_tags: Iterable[str] | None = (),
+    exclude_tags: Iterable[str] | None = (),
     page: int = 1,
     page_size: int = 50,
     with_transcript: bool = False,
 ) -> tuple[sql.Composed, dict[str, Any]]:
     """The validated list statement and its parameters (also what tests EXPLAIN)."""
-    if isinstance(page, bool) or not isinstance(page, int) or page < 1:
-        raise ValueError(f"page must be an integer >= 1, got {page!r}")
-    if (
-        isinstance(page_size, bool)
-        or not isinstance(page_size, int)
-        or not 1 <= page_size <= MAX_PAGE_SIZE
-    ):
-        raise ValueError(
-            f"page_size must be an integer from 1 to {MAX_PAGE_SIZE}, got {page_size!r}"
-        )
+    arguments.text("client_code", client_code)
+    arguments.text("user_id", user_id, optional=True)
+    arguments.text("channel", channel, optional=True)
+    arguments.text("search", search, optional=True)
+    arguments.whole_number("page", page, 1)
+    arguments.whole_number("page_size", page_size, 1, MAX_PAGE_SIZE)
+    arguments.flag("with_transcript", with_transcript)
     if status is not None and status not in STATUSES:
         raise ValueError(f"status {status!r} is not one of {', '.join(STATUSES)}")
+    arguments.aware_time("start", start)
+    arguments.aware_time("end", end)
     if start is not None and end is not None and not start < end:
         raise ValueError(f"start ({start.isoformat()}) must be before end ({end.isoformat()})")
-    for name, moment in (("start", start), ("end", end)):
-        if moment is not None and moment.tzinfo is None:
-            # A naive time would be read in the session's TimeZone: ambiguous.
-            raise ValueError(f"{name} must be timezone-aware, got {moment.isoformat()}")
     params = {
         "client_code": client_code,
         "user_id": user_id,
@@ -201,8 +203,8 @@ def _list_statement(
         "start": start,
         "end": end,
         "pattern": _like_pattern(search) if search else None,
-        "include_tags": _clean_tags(include_tags),
-        "exclude_tags": _clean_tags(exclude_tags),
+        "include_tags": _clean_tags(include_tags, "include_tags", optional=True),
+        "exclude_tags": _clean_tags(exclude_tags, "exclude_tags", optional=True),
         "limit": page_size,
         "offset": (page - 1) * page_size,
         "with_transcript": with_transcript,
@@ -220,8 +222,8 @@ def list_conversations(
     start: datetime | None = None,
     end: datetime | None = None,
     search: str | None = None,
-    include_tags: Iterable[str] = (),
-    exclude_tags: Iterable[str] = (),
+    include_tags: Iterable[str] | None = (),
+    exclude_tags: Iterable[str] | None = (),
     page: int = 1,
     page_size: int = 50,
     with_transcript: bool = False,
@@ -269,6 +271,9 @@ def get_conversation(
     with_transcript: bool = True,
 ) -> ConversationSummary | None:
     """One conversation of this client (None when absent, another client's or deleted)."""
+    arguments.text("client_code", client_code)
+    arguments.flag("include_deleted", include_deleted)
+    arguments.flag("with_transcript", with_transcript)
     row = conn.execute(
         query("reads_get_conversation", columns=_columns()),
         {
@@ -296,8 +301,7 @@ def _vector_text(vector: np.ndarray) -> str:
 
 
 def _check_k(k: int) -> None:
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
-        raise ValueError(f"k must be an integer from 1 to {MAX_K}, got {k!r}")
+    arguments.whole_number("k", k, 1, MAX_K)
 
 
 def _nearest(
@@ -319,6 +323,10 @@ def _nearest(
     estimates at fewer rows than that, ranks those rows exactly instead of asking
     the HNSW index (whose filtered scan would read far past k for them).
     """
+    arguments.text("client_code", client_code)
+    arguments.text("user_id", user_id, optional=True)
+    arguments.text("channel", channel, optional=True)
+    arguments.whole_number("exact_below", exact_below, 0)
     _check_k(k)
     vector = _query_vector(query_vector)
     params = {
@@ -353,14 +361,8 @@ def _nearest(
 
 
 def _search_settings(ef_search: int, max_scan_tuples: int, client_code: str) -> dict[str, Any]:
-    if isinstance(ef_search, bool) or not isinstance(ef_search, int):
-        raise ValueError(f"ef_search must be an integer, got {ef_search!r}")
-    if not 1 <= ef_search <= MAX_EF_SEARCH:
-        raise ValueError(f"ef_search must be from 1 to {MAX_EF_SEARCH}, got {ef_search}")
-    if isinstance(max_scan_tuples, bool) or not isinstance(max_scan_tuples, int):
-        raise ValueError(f"max_scan_tuples must be an integer, got {max_scan_tuples!r}")
-    if not 1 <= max_scan_tuples <= 2**31 - 1:
-        raise ValueError(f"max_scan_tuples must be from 1 to 2147483647, got {max_scan_tuples}")
+    arguments.whole_number("ef_search", ef_search, 1, MAX_EF_SEARCH)
+    arguments.whole_number("max_scan_tuples", max_scan_tuples, 1, 2**31 - 1)
     return {
         "ef_search": str(ef_search),
         "max_scan_tuples": str(max_scan_tuples),
@@ -481,6 +483,7 @@ def soft_delete(
     conn: psycopg.Connection, client_code: str, conversation_id: uuid.UUID | str
 ) -> bool:
     """Hide a live conversation (kept, restorable); False when absent or already deleted."""
+    arguments.text("client_code", client_code)
     row = conn.execute(
         query("reads_soft_delete"), {"id": _uuid(conversation_id), "client_code": client_code}
     ).fetchone()
@@ -490,6 +493,7 @@ def soft_delete(
 def restore(conn: psycopg.Connection, client_code: str, conversation_id: uuid.UUID | str) -> bool:
     """Undo soft_delete. A conversation deleted because its source rows are gone is not
     restored (False): it comes back by itself when they do."""
+    arguments.text("client_code", client_code)
     row = conn.execute(
         query("reads_restore"), {"id": _uuid(conversation_id), "client_code": client_code}
     ).fetchone()
@@ -500,7 +504,8 @@ def set_status(
     conn: psycopg.Connection, client_code: str, conversation_id: uuid.UUID | str, status: str
 ) -> bool:
     """Set a live conversation's status to one of PRODUCT_STATUSES; False when not found."""
-    if status not in PRODUCT_STATUSES:
+    arguments.text("client_code", client_code)
+    if not isinstance(status, str) or status not in PRODUCT_STATUSES:
         raise ValueError(
             f"status {status!r} is not one the product sets ({', '.join(PRODUCT_STATUSES)})"
         )
@@ -518,6 +523,7 @@ def _change_tags(
     conversation_id: uuid.UUID | str,
     tags: Iterable[str],
 ) -> int:
+    arguments.text("client_code", client_code)
     cleaned = _clean_tags(tags)
     if not cleaned:
         return 0
@@ -551,9 +557,11 @@ def remove_tags(
 def conversation_stats(
     conn: psycopg.Connection, client_code: str, user_id: str, days: int = 30
 ) -> dict[str, Any]:
-    """Seed 001's figures for one user over the last `days` days (get_conversation_stats)."""
-    if isinstance(days, bool) or not isinstance(days, int) or days < 1:
-        raise ValueError(f"days must be an integer >= 1, got {days!r}")
+    """One user's figures over the last `days` days: totals, active, embedded, handed off
+    and the daily average (the SQL function get_conversation_stats)."""
+    arguments.text("client_code", client_code)
+    arguments.text("user_id", user_id)
+    arguments.whole_number("days", days, 1)
     row = conn.execute(
         query("reads_conversation_stats"),
         {"client_code": client_code, "user_id": user_id, "days": days},

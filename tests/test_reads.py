@@ -19,6 +19,7 @@ from psycopg import sql
 
 from conversation_assets import reads
 from conversation_assets.embedded import scratch_database
+from conversation_assets.queries import query as named_query
 from conversation_assets.store import ConversationRecord, soft_delete_gone, upsert_conversations
 from resources.embeddings import EmbeddingResource
 
@@ -570,6 +571,26 @@ def test_list_plans_use_the_user_and_client_indexes(big_conn: psycopg.Connection
     # The unused optional filters are folded away, not evaluated per row.
     plan = explain_list(big_conn, "c05", user_id="u03")
     assert "NULL::" not in plan and "cardinality" not in plan and "ILIKE" not in plan, plan
+
+
+def test_the_offered_trigram_index_serves_a_text_search(big_conn: psycopg.Connection) -> None:
+    search = {"search": "ANSWER 1234"}  # rows 1234 and 12340-12349, any case
+    before = reads.list_conversations(big_conn, LARGE, **search, page_size=500)
+    assert "conversations_search_trgm_idx" not in explain_list(big_conn, LARGE, **search)
+
+    class Rollback(Exception):
+        pass
+
+    with pytest.raises(Rollback), big_conn.transaction():  # the module's data stays as it was
+        big_conn.execute("CREATE EXTENSION IF NOT EXISTS pg_trgm")
+        big_conn.execute(named_query("reads_search_text_index", concurrently=sql.SQL("")))
+        big_conn.execute("ANALYZE conversations")
+        plan = explain_list(big_conn, LARGE, **search)
+        assert "conversations_search_trgm_idx" in plan, plan
+        after = reads.list_conversations(big_conn, LARGE, **search, page_size=500)
+        assert [c.id for c in after.items] == [c.id for c in before.items]
+        assert after.total == before.total > 0
+        raise Rollback
 
 
 def test_semantic_search_plans(big: Big, big_conn: psycopg.Connection) -> None:
