@@ -10,7 +10,6 @@ session is cleared and the next incremental run is timed twice:
 """
 
 import argparse
-import os
 import shutil
 import tempfile
 import time
@@ -19,7 +18,7 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
-from conversation_assets import demo, migrate
+from conversation_assets import demo, migrate, settings
 from conversation_assets.discovery import discover, histories_identifier
 from conversation_assets.embedded import get_server, scratch_database
 from conversation_assets.queries import query
@@ -56,7 +55,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1_000_000)
     args = parser.parse_args()
 
-    base_url = os.environ.get("DATABASE_URL", "").strip()
+    base_url = settings.load().database_url
     workdir, server = None, None
     if not base_url:
         workdir = Path(tempfile.mkdtemp(prefix="clear-bench-"))

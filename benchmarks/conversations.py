@@ -1,5 +1,5 @@
 """Conversations benchmark: bulk and single upserts, user lookups, local embeddings and
-semantic search, each beside seed 003's one-insert-per-conversation way, same run.
+semantic search, each beside one INSERT ... ON CONFLICT (and commit) per conversation, same run.
 
 Run: ``python benchmarks/conversations.py [--n 100000] [--clients 20] [--naive 5000]
 [--queries 200] [--keep-db] [--shared-buffers 4GB]`` (``--n 1000000`` for the 1M-vector
@@ -117,7 +117,7 @@ def show(label: str, values_ms: Sequence[float]) -> str:
     )
 
 
-# --- seed 003's way --------------------------------------------------------------
+# --- the approach replaced: one insert per conversation ---------------------------
 
 NAIVE_INSERT = """
 INSERT INTO conversations (id, client_code, crew_code, session_id, user_id, channel, summary,
@@ -149,7 +149,7 @@ def naive_params(r: ConversationRecord) -> dict[str, object]:
 
 
 def one_insert_per_conversation(conn: psycopg.Connection, batch: list[ConversationRecord]) -> float:
-    """Seed 003's way: one statement (and one commit) per conversation. Seconds."""
+    """The approach the bulk path replaces: one statement (and one commit) per conversation."""
     started = time.perf_counter()
     for r in batch:
         conn.execute(NAIVE_INSERT, naive_params(r))
@@ -180,7 +180,7 @@ def bulk(conn: psycopg.Connection, url: str, data: list[ConversationRecord], nai
     theirs = naive / one_insert_per_conversation(conn, extra)
     print(
         f"bulk upsert, {len(data) - half:,} new conversations into {half:,} (COPY + one INSERT "
-        f"... ON CONFLICT per {BATCH:,}, {WORKERS} connections): {ours:,.0f}/s; seed 003's one "
+        f"... ON CONFLICT per {BATCH:,}, {WORKERS} connections): {ours:,.0f}/s; one "
         f"insert per conversation ({naive:,} rows, same table): {theirs:,.0f}/s -> "
         f"{ours / theirs:.1f}x [bar {BARS['bulk']:,.0f}/s: "
         f"{'met' if ours >= BARS['bulk'] else 'NOT met'}]"
@@ -247,7 +247,7 @@ def embeddings(url: str, conn: psycopg.Connection) -> None:
     ]
     started = time.perf_counter()
     for text in sample:
-        embedder.embed([text])  # seed 003: one model call per conversation
+        embedder.embed([text])  # the approach replaced: one model call per conversation
     one_by_one = len(sample) / (time.perf_counter() - started)
 
     # Big indexes after bulk loads: the HNSW index is built once the vectors are in.
@@ -260,7 +260,7 @@ def embeddings(url: str, conn: psycopg.Connection) -> None:
     print(
         f"local embeddings through the embedding step ({report.texts_sent:,} texts sent, "
         f"{report.cache_hits:,} cache hits): model {report.texts_per_second:,.0f} "
-        f"transcripts/s, whole step {report.embedded / report.seconds:,.0f}/s; seed 003's "
+        f"transcripts/s, whole step {report.embedded / report.seconds:,.0f}/s; "
         f"one call per conversation: {one_by_one:,.0f}/s -> "
         f"{report.texts_per_second / one_by_one:.1f}x "
         f"[bar {BARS['embed']:,.0f}/s: "
@@ -360,7 +360,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=100_000, help="Conversations (and vectors).")
     parser.add_argument("--clients", type=int, default=20)
-    parser.add_argument("--naive", type=int, default=5_000, help="Rows for seed 003's way.")
+    parser.add_argument(
+        "--naive",
+        type=int,
+        default=5_000,
+        help="Rows for the one-insert-per-conversation comparison.",
+    )
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--keep-db", action="store_true")
     add_server_arguments(parser)

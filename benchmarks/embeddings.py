@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/embeddings.py [--n 20000] [--batch-size 256] [--repeats 3]
 
-DESIGN.md's bar is >= 2,000 transcripts/s on two cores. The model load (16 MB,
+The bar is >= 2,000 transcripts/s on two cores. The model load (16 MB,
 once per process) is timed separately; the figure is the best of --repeats runs.
 """
 

@@ -13,7 +13,6 @@ loads the code) and the run itself.
 
 import argparse
 import json
-import os
 import random
 import statistics
 import time
@@ -22,9 +21,11 @@ import uuid
 import psycopg
 from psycopg import sql
 
+from conversation_assets import settings
+
 
 def database_url() -> str:
-    url = os.environ.get("DATABASE_URL", "").strip()
+    url = settings.load().database_url
     if url:
         return url
     from conversation_assets.embedded import default_data_dir, start_embedded
