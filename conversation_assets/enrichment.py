@@ -1,8 +1,8 @@
 """Enriched conversations, daily metrics and hourly performance figures.
 
 Every refresh is set-based SQL over only what changed, row by row, so readers never
-wait and never see a half-built table (seed 004's REFRESH MATERIALIZED VIEW rebuilt
-everything under a lock until the database fell over):
+wait and never see a half-built table (a materialized view refreshed whole rebuilds
+everything under a lock, and at scale brings the database down):
 
 - ``enrich``: conversations queued by the triggers on ``conversations`` (any
   writer), plus those whose user insights or ticket changed (found by comparing

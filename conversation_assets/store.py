@@ -1,7 +1,7 @@
 """Writing conversations: COPY into a staging table, then one upsert per batch.
 
-The pipeline's builder and any app that pushes conversations (seed 003's
-"store it off the request path") go through `upsert_conversations`. A record
+The pipeline's builder and any app that pushes conversations off its request
+path go through `upsert_conversations`. A record
 that cannot be stored is rejected with its reason into `conversation_rejects`;
 the rest of the batch lands, all of it in one transaction. Python only stops
 what COPY cannot carry (NUL bytes, values that are not text, metadata that is

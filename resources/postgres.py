@@ -28,7 +28,7 @@ def _configure(conn: psycopg.Connection) -> None:
 class PostgresResource(dg.ConfigurableResource):
     """A pooled connection to the database that holds histories and outputs.
 
-    Pool settings follow seed 001: a warm minimum, a bounded maximum, recycled
+    Pool settings: a warm minimum, a bounded maximum, recycled
     connections, and server-side timeouts so that no query or forgotten
     transaction can hold the product's database hostage.
     """

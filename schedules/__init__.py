@@ -28,7 +28,7 @@ def build_discovery_schedule() -> dg.ScheduleDefinition:
         execution_timezone="UTC",
         job=discovery_job,
         default_status=_default_status(),
-        description="Incremental discovery of every crew on a cron (seed 000's background job).",
+        description="Incremental discovery of every crew on a cron (the periodic background job).",
     )
     def discovery_schedule(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
         tick = context.scheduled_execution_time.astimezone(UTC)

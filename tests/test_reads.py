@@ -345,7 +345,7 @@ def test_tags_are_trimmed_deduplicated_and_counted(conn: psycopg.Connection) -> 
     assert found is not None and found.tags == ["later", "vip"]
 
 
-# --- seed 001's statistics ----------------------------------------------------------------
+# --- a user's statistics -----------------------------------------------------------------
 
 
 def test_conversation_stats(conn: psycopg.Connection) -> None:

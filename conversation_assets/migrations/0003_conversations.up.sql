@@ -103,7 +103,7 @@ CREATE TABLE conversations (
     CONSTRAINT conversations_session_key UNIQUE (crew_code, session_id, client_code)
 ) WITH (fillfactor = 90);  -- room for rebuilds and embedding writes to stay on the page
 
--- Serves: a user's conversations, newest first (seed 001's most common query,
+-- Serves: a user's conversations, newest first (the product's most common query,
 -- keyed by client first so no query can span tenants). `id` is included so the
 -- list's total count is an index-only scan, not a heap fetch per match.
 CREATE INDEX conversations_user_created_idx
@@ -156,7 +156,7 @@ CREATE INDEX conversations_embedding_hnsw_idx
 CREATE INDEX conversations_client_vectors_idx ON conversations (client_code)
     INCLUDE (id, embedding) WHERE embedding IS NOT NULL AND deleted_at IS NULL;
 
--- Keeps the timestamps honest whoever updates (seed 001's trigger): updated_at
+-- Keeps the timestamps honest whoever updates (a BEFORE UPDATE trigger): updated_at
 -- is the time of the write, created_at is kept unless given, last_message_at
 -- falls back to the previous value, then to created_at. Inserts need no trigger
 -- (a row trigger costs a seventh of the bulk insert speed): the columns default
@@ -189,7 +189,7 @@ CREATE TABLE conversation_rejects (
     last_seen_at   timestamptz NOT NULL DEFAULT now()
 );
 
--- Persistent embedding cache (seed 003's, but it survives restarts): a text
+-- Persistent embedding cache (unlike an in-memory LRU cache, it survives restarts): a text
 -- whose hash was embedded by this model is never sent to the model again.
 -- vector without a dimension: each model keeps its own size.
 CREATE TABLE embedding_cache (
@@ -208,7 +208,7 @@ CREATE TABLE embedding_state (
     changed_at timestamptz NOT NULL DEFAULT now()
 );
 
--- The product's labels on conversations (seed 002's conversation_tags).
+-- The product's labels on conversations (conversation_tags, filtered by the list's include and exclude tags).
 CREATE TABLE conversation_tags (
     conversation_id uuid NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
     tag             text NOT NULL CHECK (btrim(tag) <> '' AND length(tag) <= 100),
@@ -220,7 +220,7 @@ CREATE TABLE conversation_tags (
 -- Serves: a client's conversations carrying a tag.
 CREATE INDEX conversation_tags_client_tag_idx ON conversation_tags (client_code, tag);
 
--- Seed 001's usage figures for one user over the last p_days days, within one
+-- The usage figures for one user over the last p_days days, within one
 -- client. Served by conversations_user_created_idx.
 CREATE FUNCTION get_conversation_stats(p_client_code text, p_user_id text, p_days integer DEFAULT 30)
 RETURNS TABLE (

@@ -1,5 +1,5 @@
 -- Enriched conversations and the metrics tables, maintained incrementally (never a
--- materialized view rebuilt from scratch: seed 004's database crashed on that).
+-- materialized view rebuilt from scratch, which at scale brings the database down).
 --
 -- The product owns `user_insights` (client_code, user_id, then any columns) and
 -- `linked_tickets` (conversation_id, client_code, identifier, title, state, url);
@@ -103,7 +103,7 @@ CREATE INDEX enriched_conversations_created_at_idx ON enriched_conversations (cr
     INCLUDE (client_code, channel, status, message_count, duration_seconds, has_embedding,
              sentiment, id);
 
--- The hot path: the last 90 days only (seed 004's strategy 2), always current.
+-- The hot path: the last 90 days only, always current.
 CREATE VIEW recent_enriched_conversations AS
 SELECT * FROM enriched_conversations WHERE created_at >= now() - interval '90 days';
 
@@ -118,7 +118,7 @@ CREATE TABLE metrics_dirty_periods (
     PRIMARY KEY (kind, period_start)
 );
 
--- Daily metrics per client, channel and status (seed 001's conversation_metrics,
+-- Daily metrics per client, channel and status (conversation_metrics,
 -- as a table whose partitions are replaced, never a view refreshed whole).
 CREATE TABLE conversation_metrics (
     client_code          text NOT NULL,
@@ -156,7 +156,7 @@ CREATE TABLE pipeline_runs (
 -- Serves: performance_stats reading one hour of runs.
 CREATE INDEX pipeline_runs_finished_at_idx ON pipeline_runs (finished_at);
 
--- Hourly figures (seed 001's performance_stats): conversations started per hour,
+-- Hourly figures (performance_stats): conversations started per hour,
 -- per client, and the pipeline's own work in that hour.
 CREATE TABLE performance_stats (
     hour                   timestamptz PRIMARY KEY,
