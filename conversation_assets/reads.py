@@ -23,6 +23,7 @@ from psycopg import sql
 
 from conversation_assets import arguments
 from conversation_assets.queries import query
+from conversation_assets.search_indexes import MIN_VECTORS
 from conversation_assets.store import STATUSES
 from resources.embeddings import EmbeddingResource
 
@@ -32,11 +33,9 @@ PRODUCT_STATUSES = ("active", "closed", "archived")
 MAX_PAGE_SIZE = 500
 MAX_K = 1000
 MAX_EF_SEARCH = 1000  # pgvector's upper bound for hnsw.ef_search
-# Below this many rows (the planner's estimate) a client's search is ranked exactly
-# through conversations_client_vectors_idx (about 1.3 us a vector, index-only): its
-# filtered HNSW scan would fetch about k / (its share of all rows) heap rows. At
-# 100k vectors over 20 clients 10,000 gave the best p95 (benchmarks/README.md).
-EXACT_BELOW = 10_000
+# A client under this many rows (the planner's estimate) is ranked exactly; at and
+# over it, it has an HNSW index of its own (search_indexes.MIN_VECTORS says why).
+EXACT_BELOW = MIN_VECTORS
 MAX_TAG_LENGTH = 100  # conversation_tags' check constraint
 SEARCH_SEPARATOR = "\x1f"  # between the parts of conversation_search_text (migration 0007)
 

@@ -11,8 +11,9 @@ client's searches without any change to the query.
 ``sync_search_indexes`` keeps one such index for each client with at least
 ``min_vectors`` live vectors (the largest ``max_indexes`` of them), builds them
 CONCURRENTLY so writes go on, replaces a build left invalid by an interruption, and
-drops the index of a client that fell under the threshold. The threshold defaults to
-``reads.EXACT_BELOW``: a client under it is ranked exactly by its search (whose
+drops the index of a client that fell under the threshold. The threshold,
+``MIN_VECTORS``, is also where the read module switches to exact ranking
+(``reads.EXACT_BELOW``): a client under it is ranked exactly by its search (whose
 planner estimate says so), so an index of its own would only cost writes. A client
 over it that has no index of its own yet searches the shared one.
 """
@@ -29,12 +30,16 @@ import psycopg
 from psycopg import pq, sql
 
 from conversation_assets.queries import query
-from conversation_assets.reads import EXACT_BELOW
 
 INDEX_PREFIX = "conversations_client_hnsw_"
 # Only names this module gives are ever dropped, never an index made by hand.
 INDEX_NAME_PATTERN = f"^{INDEX_PREFIX}[0-9a-f]{{16}}$"
-MIN_VECTORS = EXACT_BELOW
+# Below this many rows (the planner's estimate) a client's search is ranked exactly
+# through conversations_client_vectors_idx (about 1.3 us a vector, index-only): its
+# filtered HNSW scan would fetch about k / (its share of all rows) heap rows. At
+# 100k vectors over 20 clients 10,000 gave the best p95 (benchmarks/README.md). At
+# and over it, a client gets an HNSW index of its own.
+MIN_VECTORS = 10_000
 MAX_INDEXES = 100  # every index is one more the planner considers for each query
 BUILD_MEMORY_MB = 1024
 # pgvector builds the graph in maintenance_work_mem; one that outgrows it goes on on

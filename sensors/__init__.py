@@ -7,10 +7,10 @@ from datetime import UTC, datetime, time, timedelta
 import dagster as dg
 
 from conversation_assets import settings
-from conversation_assets.assets.discovery import partition_keys_for
 from conversation_assets.discovery import probe_new_work
 from conversation_assets.embedding import backlog_size
 from conversation_assets.enrichment import pending_dirty_periods
+from conversation_assets.partitions import partition_keys_for
 from jobs import (
     INCREMENTAL_RUN_CONFIG,
     discovery_job,

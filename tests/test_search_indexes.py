@@ -133,6 +133,8 @@ def test_an_overlapping_sync_skips(vectors_conn: psycopg.Connection, db_url: str
         other.execute("SELECT pg_advisory_lock(hashtextextended('conversation_search_indexes', 0))")
         report = sync_search_indexes(vectors_conn, min_vectors=20)
         assert report.skipped_reason and report.built == [] and indexes(vectors_conn) == {}
+        # Released here: a closed connection's backend may still hold it a moment.
+        other.execute("SELECT pg_advisory_unlock_all()")
     assert sync_search_indexes(vectors_conn, min_vectors=20).indexes == 2
 
 

@@ -6,14 +6,14 @@ from typing import Any, Literal
 import dagster as dg
 from pydantic import Field
 
-from conversation_assets.assets.discovery import (
-    announce_other_partitions,
-    discovered_sessions,
-    partition_keys_for,
-)
+from conversation_assets.assets.discovery import discovered_sessions
 from conversation_assets.conversations import BuildReport, build_conversations
 from conversation_assets.enrichment import record_pipeline_run
-from conversation_assets.partitions import daily_partitions
+from conversation_assets.partitions import (
+    announce_other_partitions,
+    daily_partitions,
+    partition_keys_for,
+)
 from conversation_assets.queries import query
 from resources.postgres import PostgresResource
 from resources.summarizer import SummarizerResource

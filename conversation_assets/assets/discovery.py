@@ -1,7 +1,7 @@
 """The ``discovered_sessions`` asset and its checks."""
 
 import warnings
-from datetime import UTC, date, datetime, timedelta
+from datetime import timedelta
 from typing import Any, Literal
 
 import dagster as dg
@@ -18,7 +18,11 @@ from conversation_assets.discovery import (
     recount_sessions,
 )
 from conversation_assets.enrichment import record_pipeline_run
-from conversation_assets.partitions import daily_partitions
+from conversation_assets.partitions import (
+    announce_other_partitions,
+    daily_partitions,
+    partition_keys_for,
+)
 from conversation_assets.queries import query
 from resources.postgres import PostgresResource
 
@@ -44,32 +48,6 @@ class DiscoveryConfig(dg.Config):
         description="Recompute a crew whose table lost rows at most this often "
         "(DISCOVERY_RECONCILE_MINUTES); 0: on the next run.",
     )
-
-
-def partition_keys_for(days: set[date]) -> list[str]:
-    """Days that are partitions (sessions before the partitions' start have none)."""
-    first = daily_partitions.start.date()
-    last = datetime.now(UTC).date()
-    return sorted(day.isoformat() for day in days if first <= day <= last)
-
-
-def announce_other_partitions(
-    context: dg.AssetExecutionContext, days: set[date], what: str, mode: str
-) -> None:
-    """An incremental run can change rows of other days than its own (a session that
-    started yesterday got a new message): announce those partitions too, so what
-    depends on them sees the change."""
-    own = set(context.partition_keys)
-    for key in partition_keys_for(days):
-        if key not in own:
-            context.log_event(
-                dg.AssetMaterialization(
-                    asset_key=context.asset_key,
-                    partition=key,
-                    description=f"{what} changed by run {context.run.run_id}",
-                    metadata={"mode": mode},
-                )
-            )
 
 
 def _crew_metadata(outcome: CrewOutcome) -> dict[str, object]:

@@ -7,7 +7,6 @@ import dagster as dg
 from pydantic import Field
 
 from conversation_assets.assets.conversations import conversations
-from conversation_assets.assets.discovery import announce_other_partitions, partition_keys_for
 from conversation_assets.enrichment import (
     EXCERPT_CHARS,
     enrich,
@@ -16,7 +15,12 @@ from conversation_assets.enrichment import (
     refresh_metrics,
     refresh_performance,
 )
-from conversation_assets.partitions import daily_partitions, hourly_partitions
+from conversation_assets.partitions import (
+    announce_other_partitions,
+    daily_partitions,
+    hourly_partitions,
+    partition_keys_for,
+)
 from conversation_assets.queries import query
 from resources.postgres import PostgresResource
 
