@@ -115,12 +115,11 @@ _ROW_ERRORS = (psycopg.DataError, psycopg.errors.ProgramLimitExceeded)
 
 
 def _session_match(source: Source) -> sql.Composable:
-    """h.session_id = s.session_id in the column's own type, so its index can serve."""
-    if source.session_id_type == "uuid":
-        return sql.SQL("h.session_id = s.session_id::uuid")
-    if source.session_id_type in ("text", "varchar"):
-        return sql.SQL("h.session_id = s.session_id")
-    return sql.SQL("h.session_id::text = s.session_id")
+    """h.session_id = s.session_id by discovery's rule (Source.session_id_sides): in
+    the column's own type where its index can serve, and a stored id that is no
+    value of that type (a crew pointed at another table) matches no row."""
+    column, value = source.session_id_sides(sql.Identifier("s", "session_id"))
+    return sql.SQL("{column} = {value}").format(column=column, value=value)
 
 
 def fetch_messages(
@@ -143,7 +142,15 @@ def fetch_messages(
     high = max(s["last_message_id"] for s in sessions)
     spans = sum(s["last_message_id"] - s["first_message_id"] + 1 for s in sessions)
     session_ids = [s["session_id"] for s in sessions]
-    parts = {"histories": source.table, "created_at": source.created_at}
+    # The rows as discovery reads them, and its rule for which it leaves out.
+    parts = {
+        "histories": source.table,
+        "created_at": source.created_at,
+        "message": source.message,
+        "message_text": source.message_text,
+        "message_join": source.message_join,
+        "reject_reason": source.reject_reason(),
+    }
     if source.has_session_index or spans <= high - low + 1:
         statement = query(
             "session_messages_by_session", session_match=_session_match(source), **parts

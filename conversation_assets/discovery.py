@@ -25,7 +25,7 @@ from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
-from conversation_assets.queries import query, text
+from conversation_assets.queries import query
 from resources.postgres import repeatable_read
 
 Mode = Literal["incremental", "full"]
@@ -95,8 +95,24 @@ class Source:
                 created_at=self.created_at,
             ),
             message_join=self.message_join,
-            merge=sql.SQL(text("merge_sessions")),  # type: ignore[arg-type]
+            touched_time_problem=time_problem(sql.SQL("t.at")),
+            merge=query(
+                "merge_sessions",
+                reject_reason=row_reject_reason(
+                    sql.SQL("src.session_id"),
+                    sql.SQL("src.message"),
+                    sql.SQL("src.message_text"),
+                    sql.SQL("src.created_at"),
+                ),
+            ),
             **parts,
+        )
+
+    def reject_reason(self) -> sql.Composed:
+        """Why histories row ``h`` (with ``message_join``) is rejected, NULL when it is
+        used: what discovery applies, for a statement that reads the table itself."""
+        return row_reject_reason(
+            sql.SQL("h.session_id::text"), self.message, self.message_text, self.created_at
         )
 
     def recompute_filters(self, every_session: bool) -> dict[str, sql.Composable]:
@@ -116,15 +132,24 @@ class Source:
         table keeps its old ids until recomputed) becomes NULL, which matches no row,
         instead of failing the cast: a CASE, since a WHERE beside it has no set order
         of evaluation. Any other type is compared as text."""
+        column, value = self.session_id_sides(sql.SQL("session_id"))
+        return sql.SQL("{column} IN (SELECT {value} FROM candidates)").format(
+            column=column, value=value
+        )
+
+    def session_id_sides(self, text_id: sql.Composable) -> tuple[sql.Composable, sql.Composable]:
+        """The two sides of comparing ``h.session_id`` with ``text_id``, a text
+        session id (as discovery stores it), by the rule of session_in_candidates:
+        (column, value), to be joined by ``=`` or ``IN``."""
         kind = self.session_id_type
         if kind in _TEXT_TYPES:
-            return sql.SQL("h.session_id IN (SELECT session_id FROM candidates)")
+            return sql.SQL("h.session_id"), text_id
         if kind in _EXACT_TEXT_TYPES:
-            return sql.SQL(
-                "h.session_id IN (SELECT CASE WHEN pg_input_is_valid(session_id, {name}) "
-                "THEN session_id::{kind} END FROM candidates)"
-            ).format(kind=sql.Identifier(kind), name=sql.Literal(kind))
-        return sql.SQL("h.session_id::text IN (SELECT session_id FROM candidates)")
+            value = sql.SQL(
+                "CASE WHEN pg_input_is_valid({text_id}, {name}) THEN {text_id}::{kind} END"
+            ).format(text_id=text_id, kind=sql.Identifier(kind), name=sql.Literal(kind))
+            return sql.SQL("h.session_id"), value
+        return sql.SQL("h.session_id::text"), text_id
 
     def index_advice(self) -> str | None:
         """Said, never done: the product's tables are the product's to change."""
@@ -136,6 +161,28 @@ class Source:
             f"session_id, so backfills and recomputes scan it whole; to make them follow "
             f"the sessions they touch, run: {command.as_string()}"
         )
+
+
+def row_reject_reason(
+    session_id: sql.Composable,
+    message: sql.Composable,
+    message_text: sql.Composable,
+    created_at: sql.Composable,
+) -> sql.Composed:
+    """The row_reject_reason block on a row's columns (see source_row): the one rule
+    for a histories row that discovery and the conversations builder both apply."""
+    return query(
+        "row_reject_reason",
+        session_id=session_id,
+        message=message,
+        message_text=message_text,
+        time_problem=time_problem(created_at),
+    )
+
+
+def time_problem(created_at: sql.Composable) -> sql.Composed:
+    """Why a row's time cannot be a session's time (the time_problem block), or NULL."""
+    return query("time_problem", created_at=created_at)
 
 
 def histories_identifier(crew_code: str, table_name: str) -> sql.Identifier:
@@ -668,7 +715,9 @@ def probe_new_work(
             if new_rows:
                 source = inspect_source(conn, crew)
                 starts = conn.execute(
-                    source.query("new_work_starts"),
+                    source.query(
+                        "new_work_starts", time_problem=time_problem(sql.SQL("n.created_at"))
+                    ),
                     _params(source, from_id=seen, pending=crew.pending_ids),
                 ).fetchall()
         except (CrewSourceError, psycopg.Error) as error:

@@ -954,14 +954,16 @@ def test_a_message_too_deep_for_python_rejects_its_session_and_the_queue_moves_o
     assert [r.record_key for r in again.written.rejects] == ["a/deep"] and again.queue_left == 0
 
 
-def test_rows_and_discovered_times_python_cannot_load_reject_only_their_sessions(conn, postgres):
+def test_times_python_cannot_load_leave_out_their_row_or_reject_their_session(conn, postgres):
     add_crew(conn, "a", "acme", "a_histories", "seed000")
     for session in ("good", "late", "endless"):
         say(conn, "a_histories", session, "human", f"hello {session}", DAY)
     discover(postgres.pool, reconcile_after=timedelta(0))
     # Valid timestamptz values past what a Python datetime holds, as another writer
     # could leave them between discovery and the build.
-    conn.execute("UPDATE a_histories SET created_at = '10000-01-01' WHERE session_id = 'late'")
+    late_id = conn.execute(
+        "UPDATE a_histories SET created_at = '10000-01-01' WHERE session_id = 'late' RETURNING id"
+    ).fetchone()[0]
     conn.execute(
         "UPDATE discovered_sessions SET started_at = '-infinity' WHERE session_id = 'endless'"
     )
@@ -970,9 +972,21 @@ def test_rows_and_discovered_times_python_cannot_load_reject_only_their_sessions
 
     assert rows(conn, "session_id") == [("good",)]
     found = rejects(conn)
-    assert found["a/late"].startswith("its messages cannot be read:")
+    # The row's time is no session time: the builder leaves the row out by discovery's
+    # own rule (the session has nothing left to build), and discovery, seeing the
+    # update, rejects the row and deletes the session.
+    assert "a/late" not in found and report.without_messages == 1
     assert found["a/endless"].startswith("its discovered session cannot be read:")
     assert report.queue_left == 0
+    stats_flush(conn)
+    assert not discover(postgres.pool, reconcile_after=timedelta(0)).failed
+    (reason,) = conn.execute(
+        "SELECT reason FROM discovery_rejects WHERE message_id = %s", (late_id,)
+    ).fetchone()
+    assert reason.startswith("created_at 10000-01-01") and "is no session time" in reason
+    assert conn.execute(
+        "SELECT deleted_at IS NOT NULL FROM discovered_sessions WHERE session_id = 'late'"
+    ).fetchone() == (True,)
 
 
 def test_a_summarizer_answering_the_wrong_count_or_type_keeps_extractive_summaries(conn, postgres):

@@ -17,7 +17,7 @@ from conversation_assets.assets.discovery import (
     discovered_sessions,
     discovered_sessions_match_source,
 )
-from conversation_assets.conversations import fetch_messages
+from conversation_assets.conversations import build_conversations, fetch_messages
 from conversation_assets.discovery import (
     discover,
     inspect_source,
@@ -391,3 +391,124 @@ def test_reject_rule_survives_a_downgrade_round_trip(conn):
     assert conn.execute(tab).fetchone() == ('message has no "type"',)
     migrate.upgrade(conn)
     assert conn.execute(tab).fetchone() == ("session_id is empty",)
+
+
+# --- the builder reads what discovery reads ----------------------------------------------
+
+
+@pytest.mark.parametrize("indexed", [False, True], ids=["one-range-scan", "per-session"])
+def test_the_builder_reads_sessions_beside_json_rows_jsonb_cannot_hold(conn, postgres, indexed):
+    """A json row jsonb cannot hold is discovery's reject; the builder leaves it out
+    the same way, whichever fetch it takes, instead of failing on its cast."""
+    _json_crew(conn)
+    if indexed:
+        conn.execute("CREATE INDEX ON json_histories (session_id)")
+    ids = _insert_json(
+        conn,
+        [
+            ("mixed", _good("human")),
+            ("good", _good("human")),
+            ("mixed", UNSTORABLE[0][0]),
+            ("only-bad", UNSTORABLE[1][0]),
+            ("good", _good("ai")),
+            ("mixed", UNSTORABLE[2][0]),
+            ("mixed", _good("ai")),
+        ],
+    )
+    assert not discover(postgres.pool).failed
+
+    report = build_conversations(postgres.pool)
+
+    assert report.written.rejects == [] and report.queue_left == 0
+    built = conn.execute(
+        "SELECT session_id, message_count, full_conversation FROM conversations ORDER BY 1"
+    ).fetchall()
+    assert [row[:2] for row in built] == [("good", 2), ("mixed", 2)]
+    assert all(f"{kind} says hi \\u00e9" in row[2] for row in built for kind in ("human", "ai"))
+    _assert_rejected(conn, [ids[2], ids[3], ids[5]])
+
+
+def test_the_builder_reads_a_uuid_table_whose_stored_ids_are_not_all_uuids(conn, postgres):
+    """A crew pointed at a uuid table keeps its older ids until recomputed: fetching
+    one of them matches no row, as in discovery, instead of failing the cast."""
+    conn.execute(
+        "CREATE TABLE uuid_histories (id serial PRIMARY KEY, session_id uuid NOT NULL, "
+        "message jsonb NOT NULL)"
+    )
+    conn.execute("CREATE INDEX ON uuid_histories (session_id)")  # a fetch per session
+    conn.execute("INSERT INTO crews VALUES ('crew', 'acme', 'uuid_histories')")
+    uuid = "0c6f6c58-9d3e-4a44-9d0e-1f4d5c8a0001"
+    conn.execute(
+        "INSERT INTO uuid_histories (session_id, message) VALUES (%s, %s)",
+        (uuid, _good("human")),
+    )
+    (crew,) = load_crews(conn, ["crew"])
+    source = inspect_source(conn, crew)
+    sessions = [
+        {"session_id": "not-a-uuid", "first_message_id": 1, "last_message_id": 1},
+        {"session_id": uuid, "first_message_id": 1, "last_message_id": 1},
+    ]
+    messages = fetch_messages(conn, source, sessions)
+    assert {s: len(m) for s, m in messages.items()} == {uuid: 1}
+
+
+# --- times that are no session time ------------------------------------------------------
+
+# Valid timestamps no session can start or end at: Python holds years 1 to 9999 only,
+# and infinity minus infinity (a session's duration) is no interval.
+UNUSABLE_TIMES = ["infinity", "-infinity", "294276-12-31 23:00:00", "10000-01-01", "0001-01-01"]
+
+
+@pytest.mark.parametrize("column_type", ["timestamptz", "timestamp"])
+@pytest.mark.parametrize("run", ["incremental", "recompute"])
+def test_rows_whose_time_is_no_session_time_are_rejected_and_the_crew_goes_on(
+    conn, postgres, column_type, run
+):
+    conn.execute(
+        sql.SQL(
+            "CREATE TABLE timed_histories (id serial PRIMARY KEY, session_id text NOT NULL, "
+            "message jsonb NOT NULL, created_at {} NOT NULL)"
+        ).format(sql.SQL(column_type))
+    )
+    conn.execute("INSERT INTO crews VALUES ('timed', 'acme', 'timed_histories')")
+    conn.execute("SET TimeZone = 'UTC'")  # the naive column's text reads as UTC
+
+    def add(session_id: str, kind: str, at: str) -> int:
+        return conn.execute(
+            "INSERT INTO timed_histories (session_id, message, created_at) "
+            "VALUES (%s, %s, %s) RETURNING id",
+            (session_id, _good(kind), at),
+        ).fetchone()[0]
+
+    day = DAY.strftime("%Y-%m-%d %H:%M:%S")
+    add("good", "human", day)
+    add("mixed", "human", day)
+    bad = [add("mixed", "ai", at) for at in UNUSABLE_TIMES]
+    bad += [add(f"only-{n}", "human", at) for n, at in enumerate(UNUSABLE_TIMES)]
+    add("mixed", "ai", day)
+    add("good", "ai", day)
+
+    work, problems = probe_new_work(conn, {})
+    assert problems == [] and [w.days for w in work] == [frozenset({DAY.date()})]
+    report = discover(postgres.pool, mode="incremental" if run == "incremental" else "full")
+
+    assert not report.failed, report.errors
+    if run == "incremental":  # a recompute catches up first: both count the rejects
+        assert report.total("rejected_rows") == len(bad)
+    rows = conn.execute(
+        "SELECT message_id, reason FROM discovery_rejects ORDER BY message_id"
+    ).fetchall()
+    assert [row[0] for row in rows] == sorted(bad)
+    assert all(
+        reason.startswith("created_at ") and "is no session time" in reason for _, reason in rows
+    )
+    assert _live(conn, "timed") == {"good": (2, 1, 1), "mixed": (2, 1, 1)}
+    (crew,) = load_crews(conn, ["timed"])
+    assert recount_sessions(conn, crew, ["good", "mixed", "only-0"]) == []
+    assert discovered_sessions_match_source(postgres=postgres).passed
+
+    built = build_conversations(postgres.pool)
+    assert built.written.rejects == [] and built.queue_left == 0
+    assert conn.execute(
+        "SELECT session_id, message_count FROM conversations ORDER BY 1"
+    ).fetchall() == [("good", 2), ("mixed", 2)]

@@ -219,16 +219,22 @@ ORDER BY 1, 2;
 
 -- name: session_messages_by_session
 -- The messages of chosen sessions, each found through its own id range (and the
--- session_id index when the table has one). Rows discovery rejects are left out.
+-- session_id index when the table has one). Rows discovery rejects are left out,
+-- by discovery's own rule ({reject_reason}: row_reject_reason in discovery.sql)
+-- on the message as discovery reads it ({message}, {message_text} and
+-- {message_join}: json_message_join for a json column), so a json row jsonb
+-- cannot hold is left out, not cast. {session_match} compares the stored text id
+-- in the column's type where an index can serve (Source.session_id_sides): an id
+-- that is no value of that type matches no row.
 SELECT s.session_id, m.id, m.message, m.created_at
 FROM unnest(%(session_ids)s::text[], %(first_ids)s::bigint[], %(last_ids)s::bigint[])
      AS s(session_id, first_id, last_id)
 CROSS JOIN LATERAL (
-    SELECT h.id::bigint AS id, h.message::jsonb AS message, {created_at} AS created_at
-    FROM {histories} AS h
+    SELECT h.id::bigint AS id, {message} AS message, {created_at} AS created_at
+    FROM {histories} AS h {message_join}
     WHERE {session_match}
       AND h.id BETWEEN s.first_id AND s.last_id
-      AND discovery_reject_reason(h.session_id::text, h.message::jsonb) IS NULL
+      AND {reject_reason} IS NULL
 ) AS m
 ORDER BY s.session_id, m.id;
 
@@ -236,12 +242,12 @@ ORDER BY s.session_id, m.id;
 -- The same, through one scan of the id range all chosen sessions share: cheaper
 -- when their ranges overlap (a day's sessions, interleaved) and no session_id
 -- index exists.
-SELECT h.session_id::text AS session_id, h.id::bigint AS id, h.message::jsonb AS message,
+SELECT h.session_id::text AS session_id, h.id::bigint AS id, {message} AS message,
        {created_at} AS created_at
-FROM {histories} AS h
+FROM {histories} AS h {message_join}
 WHERE h.id BETWEEN %(low)s AND %(high)s
   AND h.session_id::text = ANY(%(session_ids)s::text[])
-  AND discovery_reject_reason(h.session_id::text, h.message::jsonb) IS NULL
+  AND {reject_reason} IS NULL
 ORDER BY 1, 2;
 
 -- name: queue_backlog

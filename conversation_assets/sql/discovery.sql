@@ -1,6 +1,7 @@
 -- Session discovery. Placeholders: {histories} is the crew's table
 -- (psycopg.sql.Identifier), {created_at} is either h.created_at or NULL,
--- {source_row} is the source_row block below and {merge} the merge_sessions block.
+-- {source_row} is the source_row block below and {merge} the merge_sessions block;
+-- {time_problem} and {touched_time_problem} are the time_problem block on a time.
 
 -- name: source_row
 -- A histories row `h` as every statement reads it. {message} is h.message for a
@@ -16,6 +17,32 @@ h.id::bigint AS id, h.session_id::text AS session_id, {message} AS message,
 -- OFFSET 0 keeps it a subquery evaluated once a row; pulled up, the call would be
 -- copied into every reference to the message (the reject reason, the counts).
 CROSS JOIN LATERAL (SELECT discovery_json_message(h.message) AS message OFFSET 0) AS j
+
+-- name: time_problem
+-- Why {created_at} (a row's time, as source_row reads it) cannot be a session's time,
+-- NULL when it can. Such a row is rejected naming the row, like a bad message, and
+-- its session is made of its other rows: a user sees the row and why in
+-- discovery_rejects, and a fix to it (an UPDATE) brings it back. Not "time unknown"
+-- instead: a session whose only times are unknown would start at now() on every
+-- recompute, so it would change at each one and never match its recount. Every
+-- reader of a session holds its times: PostgreSQL subtracts them (duration_seconds:
+-- infinity minus infinity, or a year-294276 end, is no interval) and Python loads
+-- them (years 1 to 9999 only). A day is kept clear of either end so that the time
+-- still fits in any session TimeZone. A NULL time (a nullable column) is no
+-- problem: the session's times come from its other rows, else from discovery.
+CASE WHEN NOT ({created_at} >= '0001-01-02 00:00:00+00'::timestamptz
+               AND {created_at} < '9999-12-31 00:00:00+00'::timestamptz)
+    THEN 'created_at ' || {created_at}::text
+         || ' is no session time (it must lie between 0001-01-02 and 9999-12-31 UTC)'
+END
+
+-- name: row_reject_reason
+-- Why a histories row is left out of its session, NULL when it is used: the one
+-- rule discovery (merge_sessions) and the conversations builder (the
+-- session_messages blocks) apply, so they count and read the same rows.
+-- {session_id} is the id as text, {message} and {message_text} as in source_row,
+-- {time_problem} the block above on the row's time.
+coalesce(discovery_reject_reason({session_id}, {message}, {message_text}), {time_problem})
 
 -- name: crews_with_state
 SELECT c.crew_code, c.client_code, c.histories_table,
@@ -122,14 +149,14 @@ ON CONFLICT (crew_code) DO UPDATE
 SET last_run_at = now(), last_error = EXCLUDED.last_error;
 
 -- name: merge_sessions
--- Expects a CTE `src` (the columns of source_row). Classifies rows,
+-- Expects a CTE `src` (the columns of source_row); {reject_reason} is
+-- row_reject_reason on src's columns. Classifies rows,
 -- records rejects, aggregates per session and upserts: added to the stored
 -- aggregates when %(replace)s is false (incremental), replacing them when true
 -- (exact recompute). Unchanged rows are not rewritten.
 checked AS NOT MATERIALIZED (
     SELECT src.id, src.session_id, src.message, src.message_text, src.created_at,
-           discovery_reject_reason(src.session_id, src.message, src.message_text)
-               AS reject_reason
+           {reject_reason} AS reject_reason
     FROM src
 ),
 rejected AS (
@@ -303,7 +330,9 @@ SELECT (SELECT count(*) FROM fresh) AS fresh_rows,
        (SELECT array_agg(DISTINCT t.at) FROM (
             SELECT started_at FROM changed
             UNION ALL SELECT previous_started_at FROM changed) AS t(at)
-        WHERE t.at IS NOT NULL) AS touched_starts,
+        -- {touched_time_problem}: time_problem on t.at. A start stored before
+        -- that rule (infinity) names no day, and would not load into Python.
+        WHERE t.at IS NOT NULL AND {touched_time_problem} IS NULL) AS touched_starts,
        state.high_water_id,
        state.pending_ids
 FROM state;
@@ -362,7 +391,9 @@ SELECT (SELECT coalesce(sum(message_count), 0) FROM batch) + (SELECT count(*) FR
             SELECT started_at FROM changed
             UNION ALL SELECT previous_started_at FROM changed
             UNION ALL SELECT started_at FROM gone) AS t(at)
-        WHERE t.at IS NOT NULL) AS touched_starts,
+        -- {touched_time_problem}: time_problem on t.at. A start stored before
+        -- that rule (infinity) names no day, and would not load into Python.
+        WHERE t.at IS NOT NULL AND {touched_time_problem} IS NULL) AS touched_starts,
        (SELECT array_agg(session_id ORDER BY session_id)
           FROM (SELECT session_id FROM changed UNION ALL SELECT session_id FROM gone) AS x)
            AS changed_sessions;
@@ -397,15 +428,20 @@ WITH new_rows AS (
 sessions AS (
     SELECT n.session_id, coalesce(min(n.created_at), now()) AS first_at
     FROM new_rows AS n
-    WHERE discovery_session_id_problem(n.session_id) IS NULL  -- the rejects' rule
+    -- The rejects' rules on the id and the time (a time that is none would not
+    -- even load into Python's date).
+    WHERE discovery_session_id_problem(n.session_id) IS NULL AND {time_problem} IS NULL
     GROUP BY n.session_id
 )
-SELECT DISTINCT CASE
+SELECT DISTINCT t.at
+FROM sessions AS s
+LEFT JOIN discovered_sessions AS d ON d.crew_code = %(crew_code)s AND d.session_id = s.session_id
+CROSS JOIN LATERAL (SELECT CASE
     WHEN d.session_id IS NULL OR d.deleted_at IS NOT NULL THEN s.first_at
     WHEN %(time_source)s = 'discovery' THEN d.started_at
-    ELSE least(d.started_at, s.first_at) END
-FROM sessions AS s
-LEFT JOIN discovered_sessions AS d ON d.crew_code = %(crew_code)s AND d.session_id = s.session_id;
+    ELSE least(d.started_at, s.first_at) END) AS t(at)
+-- As in touched_starts: a start stored before the time rule names no day.
+WHERE {touched_time_problem} IS NULL;
 
 -- name: sample_sessions
 SELECT session_id FROM discovered_sessions
