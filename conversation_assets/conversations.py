@@ -27,6 +27,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import JsonbLoader
 from psycopg_pool import ConnectionPool
 
+from conversation_assets import locks
 from conversation_assets.discovery import Crew, CrewSourceError, Source, inspect_source, utc_day
 from conversation_assets.queries import query
 from conversation_assets.store import (
@@ -42,11 +43,6 @@ from conversation_assets.transcripts import SessionMessage, build_content
 ProgressLog = Callable[[str], None]
 Summarize = Callable[[Sequence[str]], list[str | None]]
 BuildMode = Literal["incremental", "full"]
-
-# Session-level advisory lock: one queue drain at a time (overlapping sensor runs
-# would only duplicate work; correctness does not depend on it).
-_DRAIN_LOCK = "SELECT pg_advisory_lock(hashtextextended('conversation_builder', 0))"
-_DRAIN_UNLOCK = "SELECT pg_advisory_unlock(hashtextextended('conversation_builder', 0))"
 
 
 @dataclass
@@ -426,35 +422,30 @@ def _drain_queue(
     # A session built in this run and changed again meanwhile waits for the next
     # run: a chat that never stops talking cannot keep one run going forever.
     built: set[tuple[str, str]] = set()
-    with pool.connection() as lock_conn:
-        lock_conn.execute(_DRAIN_LOCK)
-        try:
-            while max_batches is None or report.batches < max_batches:
-                with pool.connection() as conn:
-                    entries = conn.execute(
-                        query("peek_conversation_queue"),
-                        {"limit": batch_sessions, "skip_crews": list(report.crew_errors)},
-                    ).fetchall()
-                versions = {
-                    (crew, session): version
-                    for crew, session, version in entries
-                    if (crew, session) not in built
-                }
-                if not versions:
-                    break
-                built.update(versions)
-                failing = len(report.crew_errors)
-                batch = builder.read(list(versions))
-                if not batch.settled and len(report.crew_errors) == failing:
-                    break
-                # Sessions of a crew that failed stay queued; the next peek skips them.
-                builder.write(batch, versions)
-                _say_batch(say, report)
-        finally:
-            try:
-                lock_conn.execute(_DRAIN_UNLOCK)
-            except psycopg.Error:
-                pass  # the connection is gone, and the lock with it
+    # One queue drain at a time: overlapping sensor runs would only duplicate work
+    # (correctness does not depend on it).
+    with pool.connection() as lock_conn, locks.session_lock(lock_conn, "conversation_builder"):
+        while max_batches is None or report.batches < max_batches:
+            with pool.connection() as conn:
+                entries = conn.execute(
+                    query("peek_conversation_queue"),
+                    {"limit": batch_sessions, "skip_crews": list(report.crew_errors)},
+                ).fetchall()
+            versions = {
+                (crew, session): version
+                for crew, session, version in entries
+                if (crew, session) not in built
+            }
+            if not versions:
+                break
+            built.update(versions)
+            failing = len(report.crew_errors)
+            batch = builder.read(list(versions))
+            if not batch.settled and len(report.crew_errors) == failing:
+                break
+            # Sessions of a crew that failed stay queued; the next peek skips them.
+            builder.write(batch, versions)
+            _say_batch(say, report)
 
 
 def _say_batch(say: ProgressLog, report: BuildReport) -> None:

@@ -22,6 +22,8 @@ from datetime import UTC, datetime
 import psycopg
 from psycopg import sql
 
+from conversation_assets import locks
+
 HISTORY_SHAPES = ("n8n", "langchain", "seed000")
 
 # Session lengths: 2 * U^(-1/alpha) (a Pareto tail), capped. Most sessions have 2-10
@@ -542,7 +544,7 @@ def load_demo(conn: psycopg.Connection, *, seed: int = 7) -> dict[str, int]:
     added: dict[str, int] = {}
     with conn.transaction():
         # Two launchers starting together: the second waits, then sees the crews.
-        conn.execute("SELECT pg_advisory_xact_lock(hashtextextended('conversation_demo', 0))")
+        locks.transaction_lock(conn, "demo")
         row = conn.execute("SELECT EXISTS (SELECT 1 FROM crews)").fetchone()
         if row and row[0]:
             return {}

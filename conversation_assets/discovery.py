@@ -16,6 +16,7 @@ import logging
 import re
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, Literal
@@ -25,6 +26,7 @@ from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
+from conversation_assets import locks
 from conversation_assets.queries import query
 from resources.postgres import repeatable_read
 
@@ -418,20 +420,10 @@ def _catch_up(
     return step
 
 
-class _CrewLock:
-    """Session-level advisory lock, taken before any snapshot of the crew."""
-
-    def __init__(self, conn: psycopg.Connection, crew_code: str) -> None:
-        self.conn, self.crew_code = conn, crew_code
-
-    def __enter__(self) -> None:
-        self.conn.execute(query("lock_crew"), {"crew_code": self.crew_code})
-
-    def __exit__(self, *exc: object) -> None:
-        try:
-            self.conn.execute(query("unlock_crew"), {"crew_code": self.crew_code})
-        except psycopg.Error:
-            pass  # the connection is gone, and the lock with it
+def _crew_lock(conn: psycopg.Connection, crew_code: str) -> AbstractContextManager[bool]:
+    """One discovery writer per crew at a time (sensor runs, schedule runs and
+    backfills may overlap): a session lock, taken before any snapshot of the crew."""
+    return locks.session_lock(conn, f"discovery:{crew_code}")
 
 
 def discover_crew(
@@ -450,7 +442,7 @@ def discover_crew(
     outcome = CrewOutcome(crew.crew_code, crew.client_code, crew.histories_table)
     source = inspect_source(conn, crew)
     conn.execute(query("ensure_state"), {"crew_code": crew.crew_code})
-    with _CrewLock(conn, crew.crew_code):
+    with _crew_lock(conn, crew.crew_code):
         signature = _one_row(conn, query("source_signature"), {"relid": source.relid})
         first = _read_state(conn, crew.crew_code)
         outcome.watermark_before = first["high_water_id"]
@@ -583,7 +575,7 @@ def recount_sessions(conn: psycopg.Connection, crew: Crew, session_ids: Sequence
     """Sessions among ``session_ids`` whose stored row differs from an exact
     recompute from the source (the recompute is rolled back, nothing changes)."""
     source = inspect_source(conn, crew)
-    with _CrewLock(conn, crew.crew_code), repeatable_read(conn):
+    with _crew_lock(conn, crew.crew_code), repeatable_read(conn):
         state = _read_state(conn, crew.crew_code)
         with conn.transaction(force_rollback=True):
             row = _recompute(conn, source, state, session_ids=session_ids)

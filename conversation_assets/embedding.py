@@ -19,16 +19,12 @@ import psycopg
 from pgvector import Vector
 from psycopg_pool import ConnectionPool
 
-from conversation_assets import settings
+from conversation_assets import locks, settings
 from conversation_assets.queries import query
 from resources import embedding_resource
 from resources.embeddings import EmbeddingResource, check_dimension
 
 ProgressLog = Callable[[str], None]
-
-# One drain at a time: two would embed the same texts twice.
-_DRAIN_TRY_LOCK = "SELECT pg_try_advisory_lock(hashtextextended('conversation_embeddings', 0))"
-_DRAIN_UNLOCK = "SELECT pg_advisory_unlock(hashtextextended('conversation_embeddings', 0))"
 
 
 @dataclass
@@ -113,13 +109,13 @@ def embed_backlog(
         dimension = column_dimension(conn)
         check_dimension(embedder.dimension(), dimension, "conversations", "embedding")
         report = EmbedReport(model=model, dimension=dimension)
-        locked = conn.execute(_DRAIN_TRY_LOCK).fetchone()
-        if not locked or not locked[0]:
-            report.skipped_reason = "another embedding run is draining the backlog"
-            say(report.skipped_reason)
-            report.backlog_left = backlog_size(conn)
-            return report
-        try:
+        # One drain at a time: two would embed the same texts twice.
+        with locks.session_lock(conn, "conversation_embeddings", wait=False) as locked:
+            if not locked:
+                report.skipped_reason = "another embedding run is draining the backlog"
+                say(report.skipped_reason)
+                report.backlog_left = backlog_size(conn)
+                return report
             with conn.transaction():
                 change = conn.execute(
                     query("embedding_model_change"), {"model": model, "dimension": dimension}
@@ -138,11 +134,6 @@ def embed_backlog(
                     f"({report.cache_hits} from the cache, {report.texts_sent} sent to {model})"
                 )
             report.backlog_left = backlog_size(conn)
-        finally:
-            try:
-                conn.execute(_DRAIN_UNLOCK)
-            except psycopg.Error:
-                pass
     report.seconds = time.perf_counter() - started
     return report
 

@@ -25,6 +25,7 @@ import psycopg
 from psycopg import sql
 from psycopg_pool import ConnectionPool
 
+from conversation_assets import locks
 from conversation_assets.queries import query, text
 
 # The product's tables and the columns the refresh needs of each.
@@ -41,7 +42,6 @@ DIFF_WORK_MEM = "64MB"  # hash tables of the product-table diff and of a metrics
 # an infinite timestamp, a stack too deep), not from the database being away: the
 # batch is halved until the conversation is found, which is then rejected.
 _ROW_ERRORS = (psycopg.DataError, psycopg.IntegrityError, psycopg.errors.ProgramLimitExceeded)
-_LOCK = "conversation_pipeline.enrichment"
 
 Window = tuple[datetime, datetime]
 # What a part of a batch did: written, removed, days touched, and the conversations
@@ -242,18 +242,14 @@ def enrich(
     report = EnrichReport(mode=mode)
     with pool.connection() as conn:
         conn.autocommit = True
-        if mode == "incremental":
-            row = conn.execute("SELECT pg_try_advisory_lock(hashtext(%s))", (_LOCK,)).fetchone()
-            if not (row and row[0]):
+        # One refresh at a time: an incremental run skips while one is under way, a
+        # backfill waits however long it takes.
+        incremental = mode == "incremental"
+        with locks.session_lock(conn, "enrichment", wait=not incremental, unbounded=True) as locked:
+            if not locked:
                 report.skipped_reason = "another enrichment refresh is under way"
                 report.seconds = time.perf_counter() - started
                 return report
-        else:
-            # A backfill waits however long the refresh under way takes.
-            conn.execute("SET statement_timeout = 0")
-            conn.execute("SELECT pg_advisory_lock(hashtext(%s))", (_LOCK,))
-            conn.execute("RESET statement_timeout")
-        try:
             parts, report.missing_tables = product_tables(conn)
             with conn.transaction():
                 # Room for the hash tables of both product tables (a sort on disk
@@ -284,8 +280,6 @@ def enrich(
                 batches.close()
             left = conn.execute("SELECT count(*) FROM enrichment_queue").fetchone()
             report.queue_left = left[0] if left else 0
-        finally:
-            conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", (_LOCK,))
     report.seconds = time.perf_counter() - started
     return report
 
@@ -399,7 +393,7 @@ def _replace(
     rows to delete)."""
     started = time.perf_counter()
     with pool.connection() as conn, conn.transaction():
-        conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"{_LOCK}.{kind}",))
+        locks.transaction_lock(conn, f"enrichment.{kind}")
         # A day's groups (and their durations, for the p95) hashed in memory, not on disk.
         conn.execute("SELECT set_config('work_mem', %s, true)", (DIFF_WORK_MEM,))
         conn.execute(query("clear_dirty_periods"), {**params, "kind": kind})

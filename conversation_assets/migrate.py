@@ -14,9 +14,10 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
+from conversation_assets import locks
+
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 _FILE = re.compile(r"^(\d{4})_(\w+)\.up\.sql$")
-_LOCK_KEY = 7_204_113_001  # any constant: serializes migrators
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,7 @@ def upgrade(
     """
     applied: list[Migration] = []
     with conn.transaction():
-        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
+        locks.transaction_lock(conn, "migrations")
         _ensure_table(conn)
         done = set(applied_versions(conn))
         for migration in load_migrations():
@@ -100,7 +101,7 @@ def downgrade(conn: psycopg.Connection, target: int) -> list[Migration]:
     """Reverse every applied migration newer than ``target``, newest first."""
     reverted: list[Migration] = []
     with conn.transaction():
-        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
+        locks.transaction_lock(conn, "migrations")
         done = set(applied_versions(conn))
         for migration in reversed(load_migrations()):
             if migration.version not in done or migration.version <= target:

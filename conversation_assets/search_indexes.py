@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import psycopg
 from psycopg import pq, sql
 
+from conversation_assets import locks
 from conversation_assets.queries import query
 
 INDEX_PREFIX = "conversations_client_hnsw_"
@@ -123,11 +124,12 @@ def sync_search_indexes(
     log = progress or (lambda _message: None)
     started = time.perf_counter()
     report = SearchIndexReport()
-    locked = conn.execute(query("search_index_lock")).fetchone()
-    if not (locked and locked[0]):
-        report.skipped_reason = "another search index sync is under way"
-        return report
-    try:
+    # One sync at a time: a second one (an overlapping run) skips instead of building
+    # the same index twice.
+    with locks.session_lock(conn, "search_indexes", wait=False) as locked:
+        if not locked:
+            report.skipped_reason = "another search index sync is under way"
+            return report
         session = conn.execute(query("search_index_session_settings")).fetchone()
         assert session is not None, "the settings statement returns one row"
         try:
@@ -138,9 +140,6 @@ def sync_search_indexes(
                     query("search_index_set_session"),
                     {"maintenance_work_mem": session[0], "statement_timeout": session[1]},
                 )
-    finally:
-        if not conn.closed:
-            conn.execute(query("search_index_unlock"))
     report.seconds = time.perf_counter() - started
     if report.failed:
         raise SearchIndexError(report)

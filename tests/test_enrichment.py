@@ -11,7 +11,7 @@ import pytest
 from psycopg import sql
 from psycopg_pool import ConnectionPool
 
-from conversation_assets import dashboards, demo
+from conversation_assets import dashboards, demo, locks
 from conversation_assets.assets.conversations import conversations
 from conversation_assets.assets.discovery import discovered_sessions
 from conversation_assets.assets.enrichment import (
@@ -581,7 +581,7 @@ def test_refreshes_take_turns(conn, postgres):
     # An incremental refresh while another holds the lock steps aside; a full one waits.
     upsert_conversations(conn, [record("late", created_at=DAY)])
     with psycopg.connect(postgres.database_url, autocommit=True) as holder:
-        holder.execute("SELECT pg_advisory_lock(hashtext('conversation_pipeline.enrichment'))")
+        holder.execute("SELECT pg_advisory_lock(%s)", (locks.key("enrichment"),))
         skipped = incremental(postgres)
         assert skipped.skipped_reason and skipped.conversations == 0
         waiting = threading.Thread(
@@ -590,7 +590,7 @@ def test_refreshes_take_turns(conn, postgres):
         waiting.start()
         time.sleep(0.5)
         assert waiting.is_alive()
-        holder.execute("SELECT pg_advisory_unlock(hashtext('conversation_pipeline.enrichment'))")
+        holder.execute("SELECT pg_advisory_unlock(%s)", (locks.key("enrichment"),))
         waiting.join(timeout=30)
     assert conn.execute(
         "SELECT count(*) FROM enriched_conversations WHERE session_id = 'late'"

@@ -10,7 +10,7 @@ import psycopg
 import pytest
 from pgvector.psycopg import register_vector
 
-from conversation_assets import reads, search_indexes
+from conversation_assets import locks, reads, search_indexes
 from conversation_assets.assets.search_indexes import conversation_search_indexes
 from conversation_assets.search_indexes import INDEX_PREFIX, index_name, sync_search_indexes
 from tests.test_reads import DIM, record, set_vectors, store, unit
@@ -130,7 +130,7 @@ def test_an_invalid_leftover_is_dropped_and_rebuilt(vectors_conn: psycopg.Connec
 
 def test_an_overlapping_sync_skips(vectors_conn: psycopg.Connection, db_url: str) -> None:
     with psycopg.connect(db_url, autocommit=True) as other:
-        other.execute("SELECT pg_advisory_lock(hashtextextended('conversation_search_indexes', 0))")
+        other.execute("SELECT pg_advisory_lock(%s)", (locks.key("search_indexes"),))
         report = sync_search_indexes(vectors_conn, min_vectors=20)
         assert report.skipped_reason and report.built == [] and indexes(vectors_conn) == {}
         # Released here: a closed connection's backend may still hold it a moment.
@@ -200,7 +200,7 @@ def test_the_asset_reports_what_it_built(vectors_conn: psycopg.Connection, postg
 
     # A sync under way elsewhere: the run fails, with no materialization.
     with psycopg.connect(postgres.database_url, autocommit=True) as other:
-        other.execute("SELECT pg_advisory_lock(hashtextextended('conversation_search_indexes', 0))")
+        other.execute("SELECT pg_advisory_lock(%s)", (locks.key("search_indexes"),))
         skipped = dg.materialize(
             [conversation_search_indexes], resources={"postgres": postgres}, raise_on_error=False
         )

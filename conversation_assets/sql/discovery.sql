@@ -110,15 +110,6 @@ SELECT pg_stat_get_tuples_deleted(%(relid)s::oid)
            + pg_stat_get_tuples_updated(%(relid)s::oid) AS changes,
        pg_relation_filenode(%(relid)s::oid::regclass)::bigint AS filenode;
 
--- name: lock_crew
--- Session-level, taken before the snapshot: one discovery writer per crew at a
--- time (sensor runs, schedule runs and backfills may overlap). Released on
--- unlock or when the connection ends, so a killed run never leaves it behind.
-SELECT pg_advisory_lock(hashtextextended('conversation_discovery:' || %(crew_code)s, 0));
-
--- name: unlock_crew
-SELECT pg_advisory_unlock(hashtextextended('conversation_discovery:' || %(crew_code)s, 0));
-
 -- name: ensure_state
 INSERT INTO crew_discovery_state (crew_code) VALUES (%(crew_code)s)
 ON CONFLICT (crew_code) DO NOTHING;

@@ -8,14 +8,6 @@
 -- reads are planned with their parameters), as pgvector's README advises for
 -- filters on a few distinct values.
 
--- name: search_index_lock
--- One sync at a time: a second one (an overlapping run) skips instead of
--- building the same index twice.
-SELECT pg_try_advisory_lock(hashtextextended('conversation_search_indexes', 0));
-
--- name: search_index_unlock
-SELECT pg_advisory_unlock(hashtextextended('conversation_search_indexes', 0));
-
 -- name: search_index_session_settings
 -- What the session had, to give it back after the builds (a pooled connection
 -- returns to the pool with them).
