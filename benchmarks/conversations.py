@@ -2,10 +2,14 @@
 semantic search, each beside one INSERT ... ON CONFLICT (and commit) per conversation, same run.
 
 Run: ``python benchmarks/conversations.py [--n 100000] [--clients 20] [--naive 5000]
-[--queries 200] [--keep-db] [--shared-buffers 4GB]`` (``--n 1000000`` for the 1M-vector
-search figure).
+[--queries 200] [--keep-db] [--shared-buffers 4GB] [--tcp] [--bulk-only]
+[--compare-loader ROUNDS]`` (``--n 1000000`` for the 1M-vector search figure).
 Uses an embedded PostgreSQL in the system temp dir, or ``DATABASE_URL`` (in a
-database it creates and drops). Figures and the machine go to benchmarks/README.md.
+database it creates and drops). ``--tcp`` starts the embedded server listening on
+127.0.0.1 as well and connects through it (production connects over TCP, the embedded
+server on a Unix socket). ``--bulk-only`` stops after the bulk upsert figures;
+``--compare-loader 4`` only compares what the bulk loader's tricks pay. Figures
+and the machine go to benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -13,10 +17,16 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shlex
+import shutil
+import socket
 import statistics
+import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import psycopg
 from discovery import (  # benchmarks/discovery.py
@@ -28,9 +38,11 @@ from discovery import (  # benchmarks/discovery.py
 )
 from pgvector.psycopg import register_vector
 from psycopg import sql
+from psycopg.conninfo import make_conninfo
 from psycopg_pool import ConnectionPool
 
-from conversation_assets import demo, migrate
+from conversation_assets import demo, embedded, migrate
+from conversation_assets.bulk import upsert_conversations_in_batches
 from conversation_assets.embedding import embed_backlog
 from conversation_assets.reads import (
     exact_search,
@@ -44,11 +56,7 @@ from conversation_assets.search_indexes import (
     graph_memory_mb,
     sync_search_indexes,
 )
-from conversation_assets.store import (
-    ConversationRecord,
-    upsert_conversations,
-    upsert_conversations_in_batches,
-)
+from conversation_assets.store import ConversationRecord, upsert_conversations
 from resources.embeddings import EmbeddingResource
 from resources.postgres import PostgresResource
 
@@ -117,6 +125,55 @@ def show(label: str, values_ms: Sequence[float]) -> str:
     )
 
 
+@contextmanager
+def tcp_database(keep: bool, shared_buffers: str | None) -> Iterator[str]:
+    """A database on a fresh embedded server reached over TCP, on 127.0.0.1.
+
+    The embedded server listens on a Unix socket only, and socket options, buffer
+    sizes and wake-ups differ between the two: figures meant for production, which
+    connects over TCP, are taken through TCP. The server is started as the embedded
+    one is (same binaries, settings and password), then restarted listening on a free
+    port of 127.0.0.1, with a pg_hba.conf line letting that address in by password.
+    """
+    workdir = Path(tempfile.mkdtemp(prefix="conversations-bench-tcp-"))
+    data = workdir / "data"
+    server = embedded.get_server(data, cleanup_mode=None if keep else "delete")
+    try:
+        if shared_buffers:
+            with psycopg.connect(server.get_uri(), autocommit=True) as conn:
+                conn.execute(
+                    sql.SQL("ALTER SYSTEM SET shared_buffers = {}").format(
+                        sql.Literal(shared_buffers)
+                    )
+                )
+        with (data / "pg_hba.conf").open("a", encoding="utf-8") as hba:
+            hba.write("host all all 127.0.0.1/32 scram-sha-256\n")
+        with socket.socket() as probe:  # a free port, for the server to take right after
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        server.stop()
+        options = shlex.join(["-h", "127.0.0.1", "-p", str(port), "-k", str(data)])
+        embedded._check(  # the embedded module's runner: as root, in a user namespace
+            "pg_ctl", "-w", "-t", "60", "-D", str(data), "-l", str(data / "server.log"),
+            "-o", options, "start",
+        )  # fmt: skip
+        url = make_conninfo(
+            host="127.0.0.1",
+            port=port,
+            user=embedded.SUPERUSER,
+            dbname="postgres",
+            passfile=str(data / embedded.PASSFILE),
+        )
+        with embedded.scratch_database(url, "bench_conversations", keep=keep) as db_url:
+            yield db_url
+            if keep:
+                print(f"\nkept database: {db_url} (server still running, data in {data})")
+    finally:
+        if not keep:
+            server.cleanup()  # stops the restarted server too (pg_ctl on the directory)
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
 # --- the approach replaced: one insert per conversation ---------------------------
 
 NAIVE_INSERT = """
@@ -166,9 +223,12 @@ def bulk(conn: psycopg.Connection, url: str, data: list[ConversationRecord], nai
     report = upsert_conversations_in_batches(conn, data[:half], batch_size=BATCH)
     serial = half / (time.perf_counter() - started)
     with ConnectionPool(url, min_size=WORKERS, kwargs={"autocommit": True}) as pool:
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         report.add(upsert_conversations_in_batches(pool, data[half:], batch_size=BATCH))
         ours = (len(data) - half) / (time.perf_counter() - started)
+        # This process's CPU (every thread): what the client costs, which the host's
+        # speed swings move far less than the rate.
+        client_us = (time.process_time() - cpu) / (len(data) - half) * 1e6
         assert report.rejected == 0 and report.inserted == len(data)
         conn.execute("VACUUM ANALYZE conversations")
 
@@ -185,10 +245,61 @@ def bulk(conn: psycopg.Connection, url: str, data: list[ConversationRecord], nai
         f"{ours / theirs:.1f}x [bar {BARS['bulk']:,.0f}/s: "
         f"{'met' if ours >= BARS['bulk'] else 'NOT met'}]"
     )
+    print(f"bulk upsert, two connections, client CPU: {client_us:.1f} us a row")
     print(f"bulk upsert, the first {half:,} through one connection: {serial:,.0f}/s")
     print(
         f"bulk upsert of the same {len(data):,} unchanged (nothing rewritten): {unchanged:,.0f}/s"
     )
+
+
+def compare_loader(url: str, rounds: int, base: int = 50_000, n: int = 20_000) -> None:
+    """What each of the bulk loader's own tricks pays, into the same table.
+
+    (a) `upsert_conversations` per batch, one connection, nothing overlapped; (b) the
+    loader on one connection (the next batch encoded in a thread); (c) the loader on a
+    pool, two lanes. `base` rows first, then `n` new rows per variant and round, the
+    variants' order rotated each round so that the growing table and the host's swings
+    fall on all of them.
+    """
+
+    def plain(
+        conn: psycopg.Connection, pool: ConnectionPool, data: list[ConversationRecord]
+    ) -> None:
+        for i in range(0, len(data), BATCH):
+            upsert_conversations(conn, data[i : i + BATCH])
+
+    def one_connection(
+        conn: psycopg.Connection, pool: ConnectionPool, data: list[ConversationRecord]
+    ) -> None:
+        upsert_conversations_in_batches(conn, data, batch_size=BATCH)
+
+    def two_lanes(
+        conn: psycopg.Connection, pool: ConnectionPool, data: list[ConversationRecord]
+    ) -> None:
+        upsert_conversations_in_batches(pool, data, batch_size=BATCH)
+
+    variants = {
+        "(a) upsert_conversations per batch": plain,
+        "(b) loader, one connection": one_connection,
+        "(c) loader, two lanes": two_lanes,
+    }
+    names = list(variants)
+    rates: dict[str, list[float]] = {name: [] for name in names}
+    with (
+        psycopg.connect(url, autocommit=True) as conn,
+        ConnectionPool(url, min_size=WORKERS, kwargs={"autocommit": True}) as pool,
+    ):
+        upsert_conversations_in_batches(pool, records(base, 20, prefix="base"), batch_size=BATCH)
+        for round_ in range(rounds):
+            for number, name in enumerate(names[round_ % 3 :] + names[: round_ % 3]):
+                data = records(n, 20, seed=round_, prefix=f"r{round_}v{number}")
+                load = load_average()
+                started = time.perf_counter()
+                variants[name](conn, pool, data)
+                rates[name].append(n / (time.perf_counter() - started))
+                print(f"round {round_ + 1}, {name}: {rates[name][-1]:,.0f}/s (load {load})")
+    for name in names:
+        print(f"{name}: " + " / ".join(f"{rate:,.0f}" for rate in rates[name]) + " /s")
 
 
 def single(conn: psycopg.Connection, data: list[ConversationRecord], count: int = 500) -> None:
@@ -368,6 +479,20 @@ def main() -> None:
     )
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--keep-db", action="store_true")
+    parser.add_argument(
+        "--tcp",
+        action="store_true",
+        help="connect over TCP to an embedded server on 127.0.0.1 (not DATABASE_URL)",
+    )
+    parser.add_argument(
+        "--bulk-only", action="store_true", help="stop after the bulk upsert figures"
+    )
+    parser.add_argument(
+        "--compare-loader",
+        type=int,
+        metavar="ROUNDS",
+        help="only compare the bulk loader's tricks, in this many rounds (compare_loader)",
+    )
     add_server_arguments(parser)
     args = parser.parse_args()
 
@@ -379,14 +504,25 @@ def main() -> None:
         f"data: {args.n:,} conversations, {args.clients} clients (Zipf), mean transcript "
         f"{mean_chars:,.0f} characters"
     )
-    with (
-        database(args.keep_db, args.shared_buffers) as url,
-        psycopg.connect(url, autocommit=True) as conn,
-    ):
+    opened = (
+        tcp_database(args.keep_db, args.shared_buffers)
+        if args.tcp
+        else database(args.keep_db, args.shared_buffers)
+    )
+    with opened as url, psycopg.connect(url, autocommit=True) as conn:
         migrate.upgrade(conn)
         register_vector(conn)
-        print(f"{server_settings(conn)}; load average before: {load_average()}")
+        host = conn.info.host
+        transport = "a Unix socket" if host.startswith("/") else f"TCP ({host})"
+        print(f"{server_settings(conn)}, over {transport}; load average before: {load_average()}")
+        if args.compare_loader:
+            compare_loader(url, args.compare_loader)
+            print(f"load average after: {load_average()}")
+            return
         bulk(conn, url, data, args.naive)
+        if args.bulk_only:
+            print(f"load average after: {load_average()}")
+            return
         single(conn, data)
         lookups(conn, data)
         embeddings(url, conn)

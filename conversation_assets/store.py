@@ -1,38 +1,36 @@
-"""Writing conversations: COPY into a staging table, then one upsert per batch.
+"""The write path into `conversations`: records, their checks, rejects, the upsert.
 
-The pipeline's builder and any app that pushes conversations off its request
-path go through `upsert_conversations`. A record
-that cannot be stored is rejected with its reason into `conversation_rejects`;
-the rest of the batch lands, all of it in one transaction. Python only stops
-what COPY cannot carry (NUL bytes, values that are not text, metadata that is
-not JSON); every other check runs in PostgreSQL (`conversation_reject_reason`)
-over the whole batch at once.
+The pipeline's builder and any app that pushes conversations off its request path
+go through `upsert_conversations`: COPY into a staging table, then one upsert per
+batch, in one transaction. A record that cannot be stored is rejected with its
+reason into `conversation_rejects`; the rest of the batch lands. Python only stops
+what COPY cannot carry (NUL bytes, values that are not text, metadata that is not
+JSON); every other check runs in PostgreSQL (`conversation_reject_reason`) over the
+whole batch at once. Bulk loads over several connections are `bulk.py`'s.
 
-The text fields are encoded unchecked first. A lone surrogate or a value that is
-not text stops the encoding, and a NUL byte fails the COPY, which leaves nothing
-behind; either way the batch is then checked record by record and written again.
-Clean batches, nearly all of them, skip a scan of every text in Python. The
-content hash (`content_hash`, what the embedding cache keys on) is computed here,
-not by the upsert: Python's sha256 (OpenSSL) costs about 1.5 us a transcript, and
+A batch is first encoded unchecked, rows streamed into the COPY data as they are
+made. A lone surrogate, a value that is not text or metadata that is not JSON stops
+the encoding, and a NUL byte fails the COPY, which leaves nothing behind; either
+way the batch is then checked record by record and written again. Clean batches,
+nearly all of them, skip a scan of every text in Python. Everything is done with
+psycopg's own adapters, set on the encoder's cursor only: no process-wide switch
+(garbage collector, socket options, global adapters) is touched. The content hash
+(`content_hash`, what the embedding cache keys on) is computed here, not by the
+upsert: Python's sha256 (OpenSSL) costs about 1.5 us a transcript, and
 PostgreSQL's own, in a server built without OpenSSL such as the embedded one, was
 the most expensive single step of the upsert (benchmarks/README.md).
 """
 
 from __future__ import annotations
 
-import gc
+import enum
 import hashlib
 import io
-import itertools
 import json
+import math
 import operator
-import os
-import socket
 import uuid
-from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -40,8 +38,8 @@ from typing import Any
 import orjson
 import psycopg
 from psycopg.copy import Copy, FileWriter
+from psycopg.types.json import Json, Jsonb, set_json_dumps
 from psycopg.types.string import BytesBinaryDumper
-from psycopg_pool import ConnectionPool
 
 from conversation_assets.queries import query
 
@@ -61,7 +59,7 @@ _text_fields = operator.attrgetter(*_TEXT_FIELDS)  # one C call, not nine getatt
 # Column types of the binary COPY into conversation_stage, in its column order.
 _STAGE_TYPES = (
     *("text",) * 7,
-    "bytea",  # the metadata, already in jsonb's binary form (_metadata_json)
+    "jsonb",  # the metadata, through the cursor's jsonb dumper (metadata_json)
     "text",
     "int4",
     "float4",
@@ -79,20 +77,15 @@ BLANK_CHARACTERS = (
     "\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000"
 )
 _EXCERPT_CHARS = 500
-# What a local connection's socket may hold unsent: most of a 5,000-row batch's COPY
-# where the kernel allows it (Linux caps it at net.core.wmem_max, often 208 KB).
-_COPY_SEND_BUFFER = 4 * 2**20
 # One encoder for every record: json.dumps with options builds a new one per call.
 _JSON = json.JSONEncoder(ensure_ascii=False, allow_nan=False)
 _sha256 = hashlib.sha256
-# orjson leaves these to json (see _metadata_json), which writes them its own way.
+# orjson leaves these to json (see metadata_json), which writes them its own way.
 _ORJSON_AS_JSON = (
     orjson.OPT_PASSTHROUGH_DATACLASS
     | orjson.OPT_PASSTHROUGH_DATETIME
     | orjson.OPT_PASSTHROUGH_SUBCLASS
 )
-# A binary COPY field for a jsonb column: the format version, then the JSON text.
-_JSONB_VERSION = b"\x01"
 _NUL_IN_METADATA = "metadata contains a NUL character (PostgreSQL's jsonb cannot hold it)"
 
 
@@ -250,47 +243,92 @@ def _time_fields_problem(record: ConversationRecord) -> str | None:
     return None
 
 
-def _metadata_json(
-    record: ConversationRecord, check: bool = False
-) -> tuple[bytes | None, str | None]:
-    """The metadata as jsonb's binary COPY field (version 1, then the JSON), or why not.
+class MetadataRefused(ValueError):
+    """Metadata the write path cannot store; the message is the reject's reason."""
 
-    orjson writes it in about a tenth of json's time. Where the two could disagree,
-    json decides: orjson refuses what it does not write the way json would (keys that
-    are not text, subclasses of dict, list, str and int, dates, integers past 64
-    bits, lone surrogates), and it writes NaN and infinities as null where json
-    refuses them, so output holding a null is written again by json. orjson also
+
+def metadata_json(metadata: Any) -> bytes:
+    """The metadata as JSON: what `json.dumps(ensure_ascii=False, allow_nan=False)`
+    writes, or MetadataRefused with the reason. The jsonb dumps of the write path's
+    COPY (set on its cursor only, `Encoder`).
+
+    orjson writes it in about a tenth of json's time. It refuses what it does not
+    write the way json would (keys that are not text, subclasses of dict, list, str
+    and int, dates, integers past 64 bits, lone surrogates): json writes those. The
+    one value orjson writes where json refuses is a NaN or an infinity (as null), so
+    output holding a null is searched for one, and json refuses it with its own
+    reason; a null that is None, the usual case, keeps orjson's output. orjson also
     writes three things json refuses: a UUID (its text), an Enum (its value) and an
-    `orjson.Fragment` (as given). A Fragment that is not JSON fails the COPY, and in
-    the batch then checked record by record (`check`), it is rejected here.
+    `orjson.Fragment` (as given; one that is not JSON fails the COPY, and then the
+    record, checked alone, is rejected by `_metadata_problem`).
     """
     try:
-        data = orjson.dumps(record.metadata, option=_ORJSON_AS_JSON)
-    except TypeError:
-        data = None
-    if data is None or b"null" in data:
-        return _metadata_json_slowly(record)
+        data = orjson.dumps(metadata, option=_ORJSON_AS_JSON)
+    except TypeError:  # orjson.JSONEncodeError included
+        return _metadata_json_slowly(metadata)
+    if b"null" in data and _holds_non_finite(metadata):
+        return _metadata_json_slowly(metadata)  # refused, as json refuses it
     if b"\\u0000" in data:
-        return None, _NUL_IN_METADATA
-    if check:
-        try:
-            orjson.loads(data)
-        except orjson.JSONDecodeError as error:
-            return None, f"metadata is not JSON: {error}"
-    return _JSONB_VERSION + data, None
+        raise MetadataRefused(_NUL_IN_METADATA)
+    return data
 
 
-def _metadata_json_slowly(record: ConversationRecord) -> tuple[bytes | None, str | None]:
+def _holds_non_finite(metadata: Any) -> bool:
+    """A NaN or an infinity somewhere in what orjson wrote (it writes them as null).
+
+    Only the types orjson writes natively can hold one here (exactly float, dict,
+    list and tuple, and an Enum's value): it refuses their subclasses, and json then
+    writes the whole. A loop over a stack, not recursion: this runs for every record
+    whose metadata holds a None, so it is kept to a fraction of json's time.
+    """
+    pending = [metadata]
+    while pending:
+        value = pending.pop()
+        kind = type(value)
+        if kind is float:
+            if not math.isfinite(value):
+                return True
+        elif kind is dict:
+            pending.extend(value.values())
+        elif kind is list or kind is tuple:
+            pending.extend(value)
+        elif isinstance(value, enum.Enum):
+            pending.append(value.value)
+    return False
+
+
+def _metadata_json_slowly(metadata: Any) -> bytes:
     try:
-        text = _JSON.encode(record.metadata)
+        text = _JSON.encode(metadata)
     except (TypeError, ValueError, RecursionError) as error:
-        return None, f"metadata is not JSON: {error}"
+        raise MetadataRefused(f"metadata is not JSON: {error}") from error
     if "\\u0000" in text:
-        return None, _NUL_IN_METADATA
+        raise MetadataRefused(_NUL_IN_METADATA)
     try:
-        return _JSONB_VERSION + text.encode("utf-8"), None
-    except UnicodeEncodeError:
-        return None, "metadata is not valid UTF-8 (a lone surrogate)"
+        return text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise MetadataRefused("metadata is not valid UTF-8 (a lone surrogate)") from error
+
+
+def _metadata_problem(record: ConversationRecord) -> str | None:
+    """Why the metadata cannot be stored, in a batch checked record by record: what
+    `metadata_json` refuses, or JSON text it passed unread (an `orjson.Fragment`)."""
+    metadata, dumps = record.metadata, metadata_json
+    if metadata is None:
+        return None  # SQL NULL: conversation_reject_reason names it
+    if isinstance(metadata, Json | Jsonb):  # psycopg's dumper unwraps these too
+        metadata, dumps = metadata.obj, metadata.dumps or metadata_json
+    try:
+        data = dumps(metadata)
+    except MetadataRefused as refused:
+        return str(refused)
+    if isinstance(data, str):
+        data = data.encode()
+    try:
+        orjson.loads(data)
+    except orjson.JSONDecodeError as error:
+        return f"metadata is not JSON: {error}"
+    return None
 
 
 def _excerpt(record: ConversationRecord) -> str:
@@ -371,8 +409,8 @@ def record_session_rejects(
 
 
 @dataclass
-class _Prepared:
-    """A batch encoded for COPY, and what Python had to reject first."""
+class PreparedBatch:
+    """A batch encoded for COPY, and what Python had to reject first (`prepare`)."""
 
     copy_data: bytes  # the whole binary COPY stream, header to trailer
     row_count: int
@@ -381,190 +419,126 @@ class _Prepared:
     texts_checked: bool
 
 
-@contextmanager
-def _collector_paused() -> Iterator[None]:
-    """No cyclic garbage collection while a batch is encoded.
-
-    The loop allocates a few tracked objects per record, so the collector runs every
-    few hundred records, and its full passes walk every object the caller holds (a
-    bulk load's whole input): measured at 100,000 records, 14.1-17.5 us a record with
-    it, 11.4 without. The loop makes no cycles; the collector catches up afterwards.
-    The switch is process-wide. Left off if something else had switched it off.
-    """
-    if not gc.isenabled():
-        yield
-        return
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
-
-
-@contextmanager
-def _older_objects_frozen() -> Iterator[None]:
-    """Collections during a bulk load look only at objects made since it started.
-
-    Pausing the collector while each batch is encoded was not enough: a load still
-    spent about a tenth of its time in collections between batches, one full pass
-    over the 200,000 records the caller held taking 335-433 ms (benchmarks/README.md).
-    `gc.freeze` puts every object that exists now out of the collector's reach until
-    `gc.unfreeze`, so cycles made during the load are still freed. Process-wide: left
-    alone when something else has frozen objects (a server that freezes before it
-    forks), and a concurrent load that ends first unfreezes early (only speed lost).
-    """
-    if gc.get_freeze_count():
-        yield
-        return
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
-
-
-class _Encoder:
+class Encoder:
     """Formats batches for one connection's COPY, possibly in another thread.
 
     Make it, and encode its first batch, while the connection is idle: the type
     adapters are set up then, reading the client encoding from libpq, and reused for
     every later batch, which can then be encoded while the connection is writing
-    without touching its session. One thread at a time per encoder.
+    without touching its session. One thread at a time per encoder. Its adapters are
+    its own cursor's: the connection's, and the application's, are left as they are.
     """
 
     def __init__(self, conn: psycopg.Connection) -> None:
         self._cursor = conn.cursor()
-        # bytea fields (the metadata, the content hash) through psycopg's C bytes
-        # dumper: the one registered last for bytea, which set_types would pick,
-        # is the DB-API Binary wrapper's, a Python call per field.
+        # The metadata goes through psycopg's jsonb dumper, writing with
+        # metadata_json (orjson, json where they could differ) instead of json.dumps.
+        set_json_dumps(metadata_json, context=self._cursor)
+        # bytea fields (the content hash) through psycopg's C bytes dumper: the one
+        # registered last for bytea, which set_types would pick, is the DB-API
+        # Binary wrapper's, a Python call per field.
         self._cursor.adapters.register_dumper(bytes, BytesBinaryDumper)
-        _widen_send_buffer(conn)
 
-    def encode(self, rows: list[tuple[Any, ...]]) -> bytes:
+    def encode(self, rows: Iterable[tuple[Any, ...]]) -> tuple[bytes, int]:
+        """The COPY data of `rows`, and how many there were."""
         buffer = io.BytesIO()
+        count = 0
         with Copy(self._cursor, binary=True, writer=FileWriter(buffer)) as copy:
             copy.set_types(_STAGE_TYPES)
             for row in rows:
                 copy.write_row(row)
-        return buffer.getvalue()
+                count += 1
+        return buffer.getvalue(), count
 
 
-def _widen_send_buffer(conn: psycopg.Connection) -> None:
-    """Let a Unix socket take a batch's COPY in a few writes instead of dozens.
-
-    A Unix socket holds about 200 KB unsent by default, so a 5 MB COPY went out in
-    some 25 pieces, each sent by a thread that had to take the GIL back from the one
-    encoding the next batch first; the backend waited meanwhile. With 4 MB the COPY
-    phase of a batch took half as long (benchmarks/README.md). The kernel caps the
-    size at net.core.wmem_max. TCP sockets are left alone: their buffer grows by
-    itself, and setting one would stop that.
-    """
-    duplicate = os.dup(conn.fileno())
-    try:
-        sock = socket.socket(fileno=duplicate)
-    except OSError:  # not a socket Python can look at
-        os.close(duplicate)
-        return
-    with sock:  # closes the duplicate only
-        if sock.family != getattr(socket, "AF_UNIX", None):
-            return
-        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) < _COPY_SEND_BUFFER:
-            with suppress(OSError):  # a kernel that refuses the size: keep the default
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _COPY_SEND_BUFFER)
-
-
-def _prepare(
-    encoder: _Encoder, records: Iterable[ConversationRecord], *, check_texts: bool = False
-) -> _Prepared:
-    """Check and encode a batch before its connection is needed.
+def prepare(
+    encoder: Encoder, records: Iterable[ConversationRecord], *, check_texts: bool = False
+) -> PreparedBatch:
+    """Check and encode a batch before its connection is needed (`write_prepared`
+    writes it).
 
     Rows are formatted here, not inside the COPY, so that the writing backend never
     waits on Python between rows: measured on 2 cores, a COPY fed row by row spent
-    about a fifth of each batch's time waiting for the client.
+    about a fifth of each batch's time waiting for the client. Unchecked, each row is
+    made, encoded and dropped in turn: a batch holds no list of rows, so the cyclic
+    garbage collector has nothing of the batch's to walk again and again.
     """
-    with _collector_paused():
-        records = list(records)
-        try:
-            rows, kept, python_rejects = _rows(records, check_texts)
-            if check_texts:
-                data = _encode_checked(encoder, rows, kept, python_rejects)
-            else:
-                data = encoder.encode(rows) if rows else b""
-        except Exception:
-            # A lone surrogate, a value that is not text (a key included), a time the
-            # dumper refuses: the checks find it and reject it with its field.
-            if check_texts:
-                raise
-            return _prepare(encoder, records, check_texts=True)
-        row_count = len(rows)
-        # Freed before the collector is back: else its first pass walks every row.
-        del rows, kept
-    return _Prepared(data, row_count, python_rejects, records, check_texts)
-
-
-def _rows(
-    records: list[ConversationRecord], check_texts: bool
-) -> tuple[list[tuple[Any, ...]], list[ConversationRecord], list[tuple[ConversationRecord, str]]]:
-    rows: list[tuple[Any, ...]] = []
+    records = list(records)
+    if check_texts:
+        return _prepare_checked(encoder, records)
     python_rejects: list[tuple[ConversationRecord, str]] = []
-    check = _copy_problem if check_texts else _number_problem
-    kept: list[ConversationRecord] = []
+    try:
+        data, row_count = encoder.encode(_unchecked_rows(records, python_rejects))
+    except Exception:  # noqa: BLE001 - the checks find it and reject it with its field
+        # A lone surrogate, a value that is not text (a key included), metadata that
+        # is not JSON, a time the dumper refuses.
+        return _prepare_checked(encoder, records)
+    return PreparedBatch(data if row_count else b"", row_count, python_rejects, records, False)
+
+
+def _unchecked_rows(
+    records: list[ConversationRecord], python_rejects: list[tuple[ConversationRecord, str]]
+) -> Iterator[tuple[Any, ...]]:
+    """The rows of a batch, only the checks the binary COPY needs on every record
+    (it would wrap or coerce numbers silently) done first."""
     for record in _last_per_session(records):
-        problem = check(record)
-        metadata = None
-        if problem is None:
-            metadata, problem = _metadata_json(record, check_texts)
+        problem = _number_problem(record)
         if problem is not None:
             python_rejects.append((record, problem))
             continue
-        if check_texts:
-            kept.append(record)
-        rows.append(
-            (
-                record.client_code,
-                record.crew_code,
-                record.session_id,
-                record.user_id,
-                record.channel,
-                record.summary,
-                record.full_conversation,
-                metadata,
-                record.status,
-                record.message_count,
-                record.sentiment,
-                record.language,
-                content_hash(record.full_conversation),
-                record.source_updated_at,
-                record.created_at,
-                record.last_message_at,
-            )
-        )
-    return rows, kept, python_rejects
+        yield _row(record)
 
 
-def _encode_checked(
-    encoder: _Encoder,
-    rows: list[tuple[Any, ...]],
-    kept: list[ConversationRecord],
-    python_rejects: list[tuple[ConversationRecord, str]],
-) -> bytes:
-    """A checked batch's COPY data. Whatever the checks missed and the encoding still
-    refuses is the record's fault, never the batch's: when the whole fails, each row
-    is encoded alone to find the ones to reject, with the encoder's error."""
-    try:
-        return encoder.encode(rows) if rows else b""
-    except Exception:  # noqa: BLE001 - found row by row below
-        pass
-    good_rows: list[tuple[Any, ...]] = []
-    for row, record in zip(rows, kept, strict=True):
-        try:
-            encoder.encode([row])
-        except Exception as error:  # noqa: BLE001 - any refusal rejects this record only
-            python_rejects.append((record, f"cannot be encoded: {type(error).__name__}: {error}"))
+def _row(record: ConversationRecord) -> tuple[Any, ...]:
+    """A record as a conversation_stage row, in its column order (_STAGE_TYPES)."""
+    return (
+        record.client_code,
+        record.crew_code,
+        record.session_id,
+        record.user_id,
+        record.channel,
+        record.summary,
+        record.full_conversation,
+        record.metadata,
+        record.status,
+        record.message_count,
+        record.sentiment,
+        record.language,
+        content_hash(record.full_conversation),
+        record.source_updated_at,
+        record.created_at,
+        record.last_message_at,
+    )
+
+
+def _prepare_checked(encoder: Encoder, records: list[ConversationRecord]) -> PreparedBatch:
+    """A batch checked record by record. Whatever the checks missed and the encoding
+    still refuses is the record's fault, never the batch's: when the whole fails,
+    each row is encoded alone to find the ones to reject, with the encoder's error."""
+    python_rejects: list[tuple[ConversationRecord, str]] = []
+    rows: list[tuple[Any, ...]] = []
+    kept: list[ConversationRecord] = []
+    for record in _last_per_session(records):
+        problem = _copy_problem(record) or _metadata_problem(record)
+        if problem is not None:
+            python_rejects.append((record, problem))
             continue
-        good_rows.append(row)
-    rows[:] = good_rows
-    return encoder.encode(rows) if rows else b""
+        rows.append(_row(record))
+        kept.append(record)
+    try:
+        data, row_count = encoder.encode(rows)
+    except Exception:  # noqa: BLE001 - found row by row below
+        good_rows: list[tuple[Any, ...]] = []
+        for row, record in zip(rows, kept, strict=True):
+            try:
+                encoder.encode([row])
+            except Exception as error:  # noqa: BLE001 - any refusal rejects this record only
+                reason = f"cannot be encoded: {type(error).__name__}: {error}"
+                python_rejects.append((record, reason))
+                continue
+            good_rows.append(row)
+        data, row_count = encoder.encode(good_rows)
+    return PreparedBatch(data if row_count else b"", row_count, python_rejects, records, True)
 
 
 def _last_per_session(records: list[ConversationRecord]) -> Iterable[ConversationRecord]:
@@ -582,16 +556,20 @@ class _TextsRefused(Exception):
     """The COPY of a batch whose texts were not checked failed on one of them."""
 
 
-def _write(conn: psycopg.Connection, batch: _Prepared, source: str) -> UpsertReport:
+def write_prepared(conn: psycopg.Connection, batch: PreparedBatch, source: str) -> UpsertReport:
+    """Write a batch `prepare` made: one transaction (a savepoint if one is open).
+
+    If the server refuses an unchecked batch's COPY (a NUL byte in a text), the
+    batch is rolled back, checked record by record and written again.
+    """
     try:
         return _write_batch(conn, batch, source)
     except _TextsRefused:
-        # Rolled back whole; now every record is checked and the bad ones rejected.
         # In the connection's own thread: a new encoder is safe here.
-        return _write_batch(conn, _prepare(_Encoder(conn), batch.records, check_texts=True), source)
+        return _write_batch(conn, prepare(Encoder(conn), batch.records, check_texts=True), source)
 
 
-def _write_batch(conn: psycopg.Connection, batch: _Prepared, source: str) -> UpsertReport:
+def _write_batch(conn: psycopg.Connection, batch: PreparedBatch, source: str) -> UpsertReport:
     report = UpsertReport(rejects=[Reject(r.record_key, why) for r, why in batch.python_rejects])
     # Inside a caller's transaction no commit empties the stage between calls.
     nested = conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE
@@ -605,7 +583,7 @@ def _write_batch(conn: psycopg.Connection, batch: _Prepared, source: str) -> Ups
                 with cur.copy(query("copy_conversation_stage")) as copy:
                     copy.write(batch.copy_data)
             except psycopg.DataError as error:
-                # A NUL byte in a text, refused by the server.
+                # A NUL byte in a text, or a metadata Fragment that is not JSON.
                 if batch.texts_checked:
                     raise
                 raise _TextsRefused from error
@@ -621,7 +599,7 @@ def _write_batch(conn: psycopg.Connection, batch: _Prepared, source: str) -> Ups
                     query("reject_staged_of_other_clients"), {"source": source}
                 ).fetchall()
         if nested:
-            conn.execute("TRUNCATE conversation_stage")
+            conn.execute(query("empty_conversation_stage"))
     report.inserted = inserted
     report.updated = written - inserted
     report.unchanged = batch.row_count - len(sql_rejects) - written
@@ -636,135 +614,10 @@ def upsert_conversations(
 
     Records that cannot be stored go to `conversation_rejects` with their reason
     (and are listed in the report); a record stored now clears its earlier
-    reject. Two records for the same session: the last one wins.
+    reject. Two records for the same session: the last one wins. For a bulk load
+    over several connections, see `bulk.upsert_conversations_in_batches`.
     """
-    return _write(conn, _prepare(_Encoder(conn), records), source)
-
-
-def upsert_conversations_in_batches(
-    target: psycopg.Connection | ConnectionPool,
-    records: Iterable[ConversationRecord],
-    *,
-    batch_size: int = 5_000,
-    workers: int = 2,
-    source: str = "api",
-) -> UpsertReport:
-    """A bulk load: one transaction per batch of at most `batch_size` records.
-
-    Given a connection, batches are written one after another while a thread checks
-    and encodes the next one. Given a pool, `workers` connections write at once (a
-    second backend is what lets a bulk load use a second core). Records are routed
-    by session, so every record of one session goes through the same connection in
-    input order: the last one wins, as on one connection, and no two transactions
-    ever wait on the same row. Batches commit independently. If one fails, nothing
-    more is sent and, once the batches being written have finished,
-    `BulkUpsertError` is raised with the report of those that committed. The pool
-    must be able to lend `workers` connections at once. The objects that exist when
-    the load starts are frozen until it ends (`_older_objects_frozen` says why).
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    if workers < 1:
-        raise ValueError(f"workers must be at least 1, got {workers}")
-    with _older_objects_frozen():
-        if isinstance(target, psycopg.Connection):
-            return _upsert_serial(target, records, batch_size, source)
-        return _upsert_parallel(target, records, batch_size, workers, source)
-
-
-def _upsert_serial(
-    conn: psycopg.Connection, records: Iterable[ConversationRecord], batch_size: int, source: str
-) -> UpsertReport:
-    report = UpsertReport()
-    remaining = iter(records)
-    chunks = iter(lambda: list(itertools.islice(remaining, batch_size)), [])
-    encoder = _Encoder(conn)  # its first batch is encoded before the first write
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="upsert-prepare") as worker:
-        pending = None
-        first = next(chunks, None)
-        if first is not None:
-            pending = worker.submit(_prepare, encoder, first)
-        while pending is not None:
-            batch = pending.result()
-            following = next(chunks, None)
-            pending = worker.submit(_prepare, encoder, following) if following is not None else None
-            report.add(_write(conn, batch, source))
-    return report
-
-
-class BulkUpsertError(RuntimeError):
-    """A batch of a parallel bulk load failed. `report` counts what the batches that
-    committed wrote; the cause is chained."""
-
-    def __init__(self, cause: BaseException, report: UpsertReport) -> None:
-        super().__init__(f"a batch of the bulk load failed: {cause}")
-        self.report = report
-
-
-def _route(record: ConversationRecord, workers: int) -> int:
-    """The worker that owns a record's session (bad keys all go to the first)."""
-    try:
-        return hash((record.crew_code, record.session_id)) % workers
-    except TypeError:
-        return 0
-
-
-def _upsert_parallel(
-    pool: ConnectionPool,
-    records: Iterable[ConversationRecord],
-    batch_size: int,
-    workers: int,
-    source: str,
-) -> UpsertReport:
-    report = UpsertReport()
-    lanes: list[list[ConversationRecord]] = [[] for _ in range(workers)]
-    executors = [
-        ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"upsert-{n}") for n in range(workers)
-    ]
-    in_flight: list[deque[Future[UpsertReport]]] = [deque() for _ in range(workers)]
-    connections = ExitStack()
-
-    def send(lane: int) -> None:
-        # Checked and encoded here, while the lanes' connections wait on the database.
-        batch = _prepare(encoders[lane], lanes[lane])
-        lanes[lane] = []
-        # At most two batches per lane in memory: one writing, one waiting.
-        while len(in_flight[lane]) >= 2:
-            report.add(in_flight[lane].popleft().result())
-        in_flight[lane].append(
-            executors[lane].submit(_write, lane_connections[lane], batch, source)
-        )
-
-    try:
-        lane_connections = [connections.enter_context(pool.connection()) for _ in range(workers)]
-        # Each lane's first batch is encoded before anything is sent on its connection.
-        encoders = [_Encoder(conn) for conn in lane_connections]
-        for record in records:
-            lane = _route(record, workers)
-            lanes[lane].append(record)
-            if len(lanes[lane]) >= batch_size:
-                send(lane)
-        for lane in range(workers):
-            if lanes[lane]:
-                send(lane)
-        for futures in in_flight:
-            while futures:
-                report.add(futures.popleft().result())
-    except Exception as error:
-        # Nothing more is sent; batches not started are dropped, those writing finish.
-        for futures in in_flight:
-            for future in futures:
-                future.cancel()
-        for futures in in_flight:
-            for future in futures:
-                if not future.cancelled() and future.exception() is None:
-                    report.add(future.result())
-        raise BulkUpsertError(error, report) from error
-    finally:
-        for executor in executors:
-            executor.shutdown(wait=True, cancel_futures=True)
-        connections.close()
-    return report
+    return write_prepared(conn, prepare(Encoder(conn), records), source)
 
 
 def soft_delete_gone(

@@ -9,7 +9,6 @@ import socket
 import threading
 import time
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import dagster as dg
 import numpy as np
@@ -17,12 +16,14 @@ import orjson
 import psycopg
 import pytest
 from psycopg import sql
+from psycopg.types.json import Json
 
 from conversation_assets import migrate
 from conversation_assets.assets.conversations import conversations, conversations_match_sessions
 from conversation_assets.assets.discovery import discovered_sessions
 from conversation_assets.assets.embeddings import conversation_embeddings
 from conversation_assets.assets.enrichment import enriched_conversations
+from conversation_assets.bulk import BulkUpsertError, upsert_conversations_in_batches
 from conversation_assets.conversations import build_conversations
 from conversation_assets.discovery import discover
 from conversation_assets.embedded import scratch_database
@@ -30,12 +31,12 @@ from conversation_assets.embedding import embed_backlog
 from conversation_assets.enrichment import enrich
 from conversation_assets.store import (
     BLANK_CHARACTERS,
-    BulkUpsertError,
     ConversationRecord,
+    MetadataRefused,
     conversation_id,
     is_blank,
+    metadata_json,
     upsert_conversations,
-    upsert_conversations_in_batches,
 )
 from jobs import INCREMENTAL_RUN_CONFIG
 from resources.embeddings import DimensionMismatchError, EmbeddingResource
@@ -323,24 +324,38 @@ def test_metadata_json_writes_what_json_writes(conn):
     assert all(reason.startswith("metadata is not JSON") for reason in reasons.values())
 
 
-def test_a_local_connection_gets_a_send_buffer_wide_enough_for_a_copy(conn):
-    # A Unix socket's default send buffer (~200 KB) split each 5 MB COPY into some 25
-    # writes, each waiting for the GIL; bulk writes widen it (up to the kernel's cap).
+def test_metadata_with_nulls_keeps_orjsons_output_and_nan_is_refused_as_json_refuses_it():
+    # A null is usually None (every session of a table without created_at has
+    # duration_seconds: null): orjson's output stands, written once. orjson also
+    # writes NaN and infinities as null; they are found and refused with json's reason.
+    common = {"duration_seconds": None, "turns": [1, None, 2.5], "language": "en"}
+    assert metadata_json(common) == orjson.dumps(common)  # not json's '{"a": null}'
+    json_reason = str(pytest.raises(ValueError, json.dumps, [float("nan")], allow_nan=False).value)
+    for hidden in (
+        {"a": None, "b": float("nan")},
+        {"a": [None, {"b": float("-inf")}]},
+        {"a": None, "t": (1.0, float("inf"))},
+    ):
+        with pytest.raises(MetadataRefused) as refused:
+            metadata_json(hidden)
+        assert str(refused.value) == f"metadata is not JSON: {json_reason}"
+
+
+def test_the_write_path_touches_no_process_wide_switch(conn, postgres):
+    # No socket option, no garbage-collector switch, no adapter outside its own cursor:
+    # an application's connection and process are as they were.
     sock = socket.socket(fileno=os.dup(conn.fileno()))
     with sock:
-        if sock.family != socket.AF_UNIX:
-            pytest.skip("the widening is for Unix sockets; this server is reached by TCP")
-        before = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
-        upsert_conversations(conn, [record("one")])
-        after = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
-    wide = 4 * 2**20
-    cap = Path("/proc/sys/net/core/wmem_max")
-    if before >= wide:
-        assert after == before  # wide enough already: left alone
-    elif cap.exists():  # Linux doubles what is asked, capped at twice wmem_max
-        assert after == 2 * min(wide, int(cap.read_text()))
-    else:
-        assert after > before
+        buffer = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+        spelled = conn.execute("SELECT %s::text", [Json({"a": 1})]).fetchone()
+        upsert_conversations(conn, [record("one", metadata={"a": None})])
+        upsert_conversations_in_batches(conn, [record("two"), record("three")], batch_size=1)
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) == buffer
+    assert spelled == ('{"a": 1}',)  # json.dumps, the default, on the connection
+    assert conn.execute("SELECT %s::text", [Json({"a": 1})]).fetchone() == spelled
+    with postgres.pool.connection() as pooled:
+        assert pooled.execute("SELECT %s::text", [Json({"a": 1})]).fetchone() == spelled
+    assert [r[0] for r in rows(conn)] == ["one", "three", "two"]
 
 
 def test_two_rejected_records_of_one_session_leave_one_reject(conn):
@@ -359,7 +374,8 @@ def test_two_rejected_records_of_one_session_leave_one_reject(conn):
     assert reasons["crew/twice"] == "summary contains a NUL byte"
 
 
-def test_encoding_a_batch_leaves_the_garbage_collector_as_it_found_it(conn):
+def test_encoding_a_batch_leaves_the_garbage_collector_alone(conn):
+    # A process-wide switch is the application's: the write path never flips it.
     import gc
 
     def failing_source():
@@ -377,10 +393,10 @@ def test_encoding_a_batch_leaves_the_garbage_collector_as_it_found_it(conn):
 
     assert gc.isenabled()
     upsert_conversations(conn, [record("gc1", metadata=Watching(language="en"))])
-    assert seen == [False] and gc.isenabled()  # paused while encoding, then back on
+    assert seen == [True] and gc.isenabled()  # running while encoding, and after
     with pytest.raises(RuntimeError, match="mid-batch"):
         upsert_conversations(conn, failing_source())
-    assert gc.isenabled()  # re-enabled after a failure too
+    assert gc.isenabled()  # after a failure too
     gc.disable()
     try:
         upsert_conversations(conn, [record("gc3")])
@@ -390,22 +406,23 @@ def test_encoding_a_batch_leaves_the_garbage_collector_as_it_found_it(conn):
     assert [r[0] for r in rows(conn)] == ["gc1", "gc3"]
 
 
-def test_a_bulk_load_keeps_the_objects_it_started_with_out_of_collections(conn, postgres):
-    # Full collections between batches walked every record the caller held; frozen,
-    # those are skipped, and cycles made during the load are still collected.
+def test_a_bulk_load_leaves_the_garbage_collector_alone(conn, postgres):
+    # Freezing objects (gc.freeze) is process-wide, and the application's choice:
+    # a load neither freezes nor unfreezes, during the load, after it, or on failure.
     import gc
 
     seen = []
+    frozen_before = gc.get_freeze_count()
 
     def source(prefix):
         for i in range(7):
-            seen.append(gc.get_freeze_count() > 0)  # read between and during batches
+            seen.append((gc.isenabled(), gc.get_freeze_count()))  # between and in batches
             yield record(f"{prefix}{i}")
 
     upsert_conversations_in_batches(postgres.pool, source("p"), batch_size=2)
     upsert_conversations_in_batches(conn, source("c"), batch_size=2)
-    assert seen == [True] * 14
-    assert gc.get_freeze_count() == 0 and gc.isenabled()
+    assert seen == [(True, frozen_before)] * 14
+    assert gc.get_freeze_count() == frozen_before and gc.isenabled()
 
     def failing():
         yield record("f1")
@@ -413,7 +430,7 @@ def test_a_bulk_load_keeps_the_objects_it_started_with_out_of_collections(conn, 
 
     with pytest.raises(BulkUpsertError, match="mid-load"):
         upsert_conversations_in_batches(postgres.pool, failing(), batch_size=1)
-    assert gc.get_freeze_count() == 0
+    assert gc.get_freeze_count() == frozen_before
 
     # Objects someone else froze (a server about to fork) stay frozen.
     gc.freeze()

@@ -18,15 +18,11 @@ from pgvector.psycopg import register_vector
 from psycopg_pool import ConnectionPool
 
 from conversation_assets import dashboards, demo, reads
+from conversation_assets.bulk import upsert_conversations_in_batches
 from conversation_assets.conversations import build_conversations
 from conversation_assets.discovery import discover
 from conversation_assets.enrichment import enrich, refresh_metrics, refresh_performance
-from conversation_assets.store import (
-    ConversationRecord,
-    conversation_id,
-    upsert_conversations,
-    upsert_conversations_in_batches,
-)
+from conversation_assets.store import ConversationRecord, conversation_id, upsert_conversations
 from resources.embeddings import EmbeddingResource
 from tests.sources import add_crew
 

@@ -24,6 +24,10 @@ CREATE TEMP TABLE IF NOT EXISTS conversation_stage (
     last_message_at   timestamptz
 ) ON COMMIT DELETE ROWS;
 
+-- name: empty_conversation_stage
+-- Inside a caller's transaction no commit empties the stage between two batches.
+TRUNCATE conversation_stage;
+
 -- name: copy_conversation_stage
 COPY conversation_stage (
     client_code, crew_code, session_id, user_id, channel, summary, full_conversation,
