@@ -1,0 +1,292 @@
+"""The Messenger assets: each registered page's threads and messages, and the threads
+as conversations. Partitioned by page (dynamic partitions mirroring
+`messenger_pages`), so the UI syncs or backfills one page, some, or all."""
+
+import warnings
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
+
+import dagster as dg
+from pydantic import Field
+
+from conversation_assets import settings
+from conversation_assets.messenger import (
+    BuildReport,
+    PageOutcome,
+    SyncOptions,
+    build_thread_conversations,
+    load_pages,
+    page_due_for_reconcile,
+    sync_page,
+)
+from conversation_assets.messenger_api import scrub
+from resources.messenger import MessengerResource, MessengerTokenError
+from resources.postgres import PostgresResource
+
+messenger_pages_partitions = dg.DynamicPartitionsDefinition(name="messenger_pages")
+
+THREADS = dg.AssetKey("messenger_conversations")
+EVENTS = dg.AssetKey("contact_interaction_events")
+
+warnings.filterwarnings("ignore", message="Parameter `backfill_policy`", category=dg.BetaWarning)
+
+
+class MessengerSyncConfig(dg.Config):
+    mode: Literal["incremental", "full"] = Field(
+        default="full",
+        description="full: list every thread and message of the page and mark what the "
+        "platform no longer has as deleted (what a launched partition or a backfill wants). "
+        "incremental: only threads updated since the watermark minus the overlap (what the "
+        "sensor launches).",
+    )
+    pages: list[str] = Field(
+        default_factory=list,
+        description="Only these pages of the run's partitions (all of them if empty): the "
+        "sensor's run covers a range of partitions and names the pages that changed.",
+    )
+    overlap_seconds: int = Field(
+        default_factory=lambda: settings.load().messenger_overlap_seconds,
+        ge=0,
+        description="Incremental listing goes down to the watermark minus this "
+        "(MESSENGER_OVERLAP_SECONDS).",
+    )
+    reconcile_hours: int = Field(
+        default_factory=lambda: settings.load().messenger_reconcile_hours,
+        ge=0,
+        description="An incremental sync of a page not fully synced for this long runs "
+        "full (MESSENGER_RECONCILE_HOURS); 0: never.",
+    )
+    page_size: int = Field(default=100, ge=1, le=100, description="Threads per API call.")
+    nested_messages: int = Field(
+        default=25,
+        ge=1,
+        le=100,
+        description="Newest messages asked for with each thread (`messages.limit(N)`); a "
+        "changed thread with more new messages costs one more call per 100.",
+    )
+
+
+def _page_metadata(outcome: PageOutcome) -> dict[str, Any]:
+    keep = (
+        "mode", "status", "error", "threads_listed", "threads_new", "threads_updated",
+        "threads_deleted", "messages_new", "messages_updated", "messages_deleted", "rejects",
+        "calls", "list_calls", "message_calls", "node_calls", "retries", "throttle_waits",
+        "throttle_seconds", "slowdown_waits", "slowdown_seconds", "usage_percent",
+        "watermark_before", "watermark_after", "resume_after", "seconds", "api_seconds",
+        "db_seconds",
+    )  # fmt: skip
+    values = outcome.metadata()
+    return {key: values[key] for key in keep}
+
+
+def _flat(outcome: PageOutcome) -> dict[str, Any]:
+    data = _page_metadata(outcome)
+    return {
+        key: ("" if value is None else value)
+        for key, value in data.items()
+        if key not in ("error", "resume_after") or value is not None
+    }
+
+
+def _totals(outcomes: list[PageOutcome]) -> dict[str, Any]:
+    fields = (
+        "threads_new", "threads_updated", "threads_deleted", "messages_new",
+        "messages_updated", "messages_deleted", "rejects", "calls", "throttle_waits",
+    )  # fmt: skip
+    totals: dict[str, Any] = {f: sum(getattr(o, f) for o in outcomes) for f in fields}
+    totals["throttle_seconds"] = round(sum(o.throttle_seconds for o in outcomes), 3)
+    return totals
+
+
+@dg.multi_asset(
+    specs=[
+        dg.AssetSpec(
+            THREADS,
+            description="One row per (page, contact): the Messenger thread, its participant, "
+            "updated_time, message and unread counts, snippet, first and last message.",
+            kinds={"postgres"},
+            group_name="messenger",
+        ),
+        dg.AssetSpec(
+            EVENTS,
+            description="One row per Messenger message (idempotent on its id): direction, "
+            "sender, time, text or attachment kind.",
+            kinds={"postgres"},
+            group_name="messenger",
+        ),
+    ],
+    partitions_def=messenger_pages_partitions,
+    backfill_policy=dg.BackfillPolicy.single_run(),
+    pool="messenger_graph_api",
+)
+def messenger_sync(
+    context: dg.AssetExecutionContext,
+    config: MessengerSyncConfig,
+    postgres: PostgresResource,
+    messenger: MessengerResource,
+) -> Any:
+    """Sync each page of the run: incremental from the watermark, or full (reconcile).
+
+    A page that fails (an invalid token, a throttle longer than a run waits) does not
+    stop the others; its progress is kept and the run fails at the end naming it."""
+    keys = list(context.partition_keys)
+    wanted = [k for k in keys if not config.pages or k in config.pages]
+    try:
+        tokens = messenger.tokens()
+    except MessengerTokenError as error:
+        raise dg.Failure(description=str(error)) from None
+    with postgres.connection() as conn:
+        pages = {p.page_id: p for p in load_pages(conn, wanted)}
+        now = conn.execute("SELECT now()").fetchone()[0]
+    outcomes: list[PageOutcome] = []
+    for page_id in wanted:
+        page = pages.get(page_id)
+        if page is None:
+            outcomes.append(_skipped(page_id, "not in messenger_pages"))
+            continue
+        if not page.enabled:
+            outcomes.append(_skipped(page_id, "disabled in messenger_pages", page.client_code))
+            continue
+        token = tokens.get(page_id)
+        if token is None:
+            message = (
+                f"page {page_id}: no access token (add it to MESSENGER_PAGE_TOKENS or "
+                "MESSENGER_PAGE_TOKENS_FILE)"
+            )
+            context.log.error(message)
+            outcomes.append(_skipped(page_id, message, page.client_code, status="failed"))
+            continue
+        mode = config.mode
+        reconcile = timedelta(hours=config.reconcile_hours)
+        if (
+            mode == "incremental"
+            and config.reconcile_hours
+            and page_due_for_reconcile(page, reconcile, now)
+        ):
+            context.log.info(f"page {page_id}: not fully synced for {reconcile}: full sync")
+            mode = "full"
+        options = SyncOptions(
+            mode=mode,
+            overlap=timedelta(seconds=config.overlap_seconds),
+            page_size=config.page_size,
+            nested_messages=config.nested_messages,
+        )
+        secrets = tuple(tokens.values()) + ((messenger.app_secret,) if messenger.app_secret else ())
+
+        def say(message: str, secrets: tuple[str, ...] = secrets) -> None:
+            context.log.info(scrub(message, secrets))
+
+        client = messenger.client(page_id, token, say=say)
+        outcome = sync_page(postgres.pool, client, page, options, say)
+        if outcome.status != "ok":
+            context.log.error(outcome.error or f"page {page_id}: {outcome.status}")
+        outcomes.append(outcome)
+    failed = [o for o in outcomes if o.status in ("failed", "throttled")]
+    done = [o for o in outcomes if o.status == "ok"]
+    metadata: dict[str, Any] = {
+        **_totals(outcomes),
+        "pages": dg.MetadataValue.json({o.page_id: _page_metadata(o) for o in outcomes}),
+        "pages_synced": len(done),
+        "pages_failed": len(failed),
+    }
+    if len(outcomes) == 1:
+        metadata.update(_flat(outcomes[0]))
+    if failed:
+        # The pages that succeeded are recorded; the run fails naming the others.
+        for outcome in done:
+            for key in (THREADS, EVENTS):
+                yield dg.AssetMaterialization(
+                    asset_key=key, partition=outcome.page_id, metadata=_flat(outcome)
+                )
+        raise dg.Failure(
+            description="; ".join(o.error or f"page {o.page_id}: {o.status}" for o in failed),
+            metadata={"pages": metadata["pages"]},
+        )
+    for key in (THREADS, EVENTS):
+        yield dg.MaterializeResult(asset_key=key, metadata=metadata)
+
+
+def _skipped(page_id: str, why: str, client_code: str = "", status: str = "skipped") -> PageOutcome:
+    outcome = PageOutcome(page_id, client_code, "incremental", status=status, error=why)
+    return outcome
+
+
+class MessengerTranscriptsConfig(dg.Config):
+    mode: Literal["incremental", "full"] = Field(
+        default="full",
+        description="incremental: the threads the sync queued. full: every thread of the "
+        "partition's pages.",
+    )
+    batch_threads: int = Field(default=500, ge=1, description="Threads per transaction.")
+
+
+@dg.asset(
+    deps=[THREADS, EVENTS],
+    partitions_def=messenger_pages_partitions,
+    backfill_policy=dg.BackfillPolicy.single_run(),
+    pool="conversation_db",
+    kinds={"postgres"},
+    group_name="messenger",
+)
+def messenger_transcripts(
+    context: dg.AssetExecutionContext,
+    config: MessengerTranscriptsConfig,
+    postgres: PostgresResource,
+) -> dg.MaterializeResult:
+    """Each synced thread as a row of `conversations` (channel `messenger`, the contact as
+    user), through the write path of discovered sessions: transcript, summary, metadata,
+    then embeddings, enrichment and metrics like any chat session."""
+    report: BuildReport = build_thread_conversations(
+        postgres.pool,
+        list(context.partition_keys),
+        mode=config.mode,
+        batch_threads=config.batch_threads,
+        say=context.log.info,
+    )
+    written = report.written
+    return dg.MaterializeResult(
+        metadata={
+            "mode": config.mode,
+            "threads": report.threads,
+            "inserted": written.inserted,
+            "updated": written.updated,
+            "unchanged": written.unchanged,
+            "rejected": written.rejected,
+            "soft_deleted": report.soft_deleted,
+            "batches": report.batches,
+            "queue_left": report.queue_left,
+            "duration_ms": round(report.seconds * 1000, 1),
+        }
+    )
+
+
+def partition_changes(registered: list[str], existing: list[str]) -> tuple[list[str], list[str]]:
+    """Partitions to add and to delete so that they mirror the registered pages."""
+    known = set(existing)
+    pages = set(registered)
+    return [p for p in registered if p not in known], [p for p in existing if p not in pages]
+
+
+def sync_run_request(
+    due: list[str], partition_order: list[str], *, now: datetime | None = None
+) -> dg.RunRequest | None:
+    """One run over the partition range spanning every due page, naming them in config
+    (the pages between them are not synced)."""
+    ordered = [p for p in partition_order if p in set(due)]
+    if not ordered:
+        return None
+    stamp = (now or datetime.now(UTC)).strftime("%Y%m%dT%H%M%S")
+    return dg.RunRequest(
+        run_key=f"messenger:{stamp}:{','.join(ordered)}"[:500],
+        run_config=dg.RunConfig(
+            ops={
+                "messenger_sync": MessengerSyncConfig(mode="incremental", pages=ordered),
+                "messenger_transcripts": MessengerTranscriptsConfig(mode="incremental"),
+            }
+        ),
+        tags={
+            "dagster/asset_partition_range_start": ordered[0],
+            "dagster/asset_partition_range_end": ordered[-1],
+            "messenger/pages": str(len(ordered)),
+        },
+    )
