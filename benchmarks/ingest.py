@@ -1,0 +1,263 @@
+"""Push ingestion benchmark: enqueue latency under 1, 10 and 100 concurrent writers,
+drain throughput with the local model, beside the synchronous "before" (the same
+store-and-embed work done inside the request), on the same data in the same run.
+
+Run: ``python benchmarks/ingest.py [--calls 400] [--writers 1,10,100] [--processes 4]
+[--drain 20000] [--before 500] [--keep-db] [--shared-buffers 4GB]``.
+Writers run in separate processes (threads in each, one connection per writer) over
+the local socket, each calling `inbox.queue_conversation_storage` in a closed loop
+(the next call as soon as one returns: the heaviest load W writers can make), then
+paced (one call every `--pace-ms` per writer: a chat app handing off conversations as
+they end). Uses an embedded PostgreSQL in the system temp dir, or ``DATABASE_URL``.
+Figures: benchmarks/ingest.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import statistics
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import psycopg
+from discovery import add_server_arguments, database, load_average, machine, server_settings
+from pgvector.psycopg import register_vector
+
+from conversation_assets import inbox, migrate
+from conversation_assets.inbox import InboxItem, record_for
+from conversation_assets.queries import query
+from conversation_assets.store import content_hash, upsert_conversations
+from resources.embeddings import EmbeddingResource
+from resources.postgres import PostgresResource
+
+CLIENT = "acme"
+_TOPICS = [
+    "my parcel has not arrived and the tracking page shows nothing since Monday",
+    "I was charged twice for the same order, can you refund one of the payments",
+    "how do I change the delivery address of an order that already shipped",
+    "the app logs me out every time I open the settings page on my phone",
+    "can I upgrade my plan in the middle of the month and what will it cost",
+    "the invoice for March has the wrong company name and VAT number on it",
+]
+
+
+def transcript(i: int) -> str:
+    """A distinct chat of 6 to 10 lines (about 600 to 900 characters)."""
+    topic = _TOPICS[i % len(_TOPICS)]
+    lines = [f"User: Hi, order {i}: {topic}."]
+    for turn in range(2 + i % 3):
+        lines.append(
+            f"AI: Thanks for reaching out about order {i}. Let me check that for you "
+            f"(step {turn}); I can see the account and the last {turn + 2} events."
+        )
+        lines.append(f"User: Thank you, reference {i * 7 + turn}, it is quite urgent for me.")
+    lines.append("AI: Done: you will get an email with the details within the hour.")
+    return "\n".join(lines)
+
+
+def percentiles(samples: Sequence[float]) -> dict[str, float]:
+    ordered = sorted(samples)
+    cut = statistics.quantiles(ordered, n=100, method="inclusive") if len(ordered) > 1 else None
+
+    def at(p: int) -> float:
+        return ordered[0] if cut is None else cut[p - 1]
+
+    return {"p50": at(50), "p95": at(95), "p99": at(99), "max": ordered[-1]}
+
+
+# --- the writers (a separate process each) ---------------------------------------------
+
+
+def _writer_process(
+    url: str, threads: int, calls: int, first: int, pace_ms: float, out: Any, before: bool
+) -> None:
+    """`threads` writers, one connection each; their latencies (ms) go to `out`."""
+    latencies: list[list[float]] = [[] for _ in range(threads)]
+    ready = threading.Barrier(threads + 1)
+    embedder = EmbeddingResource()
+    if before:
+        embedder.embed(["warm up"])
+
+    def write(n: int) -> None:
+        with psycopg.connect(url, autocommit=True) as conn:
+            if before:
+                register_vector(conn)
+            ready.wait()
+            for k in range(calls):
+                i = first + n * calls + k
+                start = time.perf_counter()
+                if before:
+                    _store_synchronously(conn, embedder, i)
+                else:
+                    inbox.queue_conversation_storage(
+                        conn,
+                        f"u-{i % 997}",
+                        "web",
+                        transcript(i),
+                        None,
+                        {"order": i},
+                        client_code=CLIENT,
+                    )
+                took = time.perf_counter() - start
+                latencies[n].append(took * 1000)
+                if pace_ms:
+                    time.sleep(max(0.0, pace_ms / 1000 - took))
+
+    workers = [threading.Thread(target=write, args=(n,)) for n in range(threads)]
+    for worker in workers:
+        worker.start()
+    ready.wait()
+    started = time.perf_counter()
+    for worker in workers:
+        worker.join()
+    out.put((time.perf_counter() - started, [x for lane in latencies for x in lane]))
+
+
+def _store_synchronously(conn: psycopg.Connection, embedder: EmbeddingResource, i: int) -> None:
+    """The "before": the drain's work for one conversation, inside the request (the
+    in-memory queue's document measured 200-250 ms for it with a remote model)."""
+    item = InboxItem(
+        0, CLIENT, f"before-{i}", f"u-{i % 997}", "web", transcript(i), None, {"order": i}, None
+    )
+    record = record_for(item)
+    vector = embedder.embed([record.full_conversation or ""])[0]
+    with conn.transaction():
+        upsert_conversations(conn, [record], source="before")
+        conn.execute(query("create_embedding_stage"))
+        with conn.cursor() as cur:
+            with cur.copy(query("copy_embedding_stage")) as copy:
+                copy.set_types(["uuid", "bytea", "vector", "bool"])
+                copy.write_row((record.id, content_hash(record.full_conversation), vector, True))
+            cur.execute(query("save_embeddings"), {"model": "local:l2_supercat_256"})
+
+
+def run_writers(
+    url: str,
+    writers: int,
+    calls: int,
+    first: int,
+    processes: int,
+    pace_ms: float,
+    before: bool = False,
+) -> dict[str, float]:
+    """W writers spread over up to `processes` processes; latency percentiles (ms) and
+    calls per second."""
+    context = multiprocessing.get_context("spawn")
+    out = context.Queue()
+    count = min(processes, writers)
+    shares = [writers // count + (1 if p < writers % count else 0) for p in range(count)]
+    children = []
+    offset = first
+    for share in shares:
+        child = context.Process(
+            target=_writer_process, args=(url, share, calls, offset, pace_ms, out, before)
+        )
+        child.start()
+        children.append(child)
+        offset += share * calls
+    results = [out.get(timeout=1800) for _ in children]
+    for child in children:
+        child.join()
+    seconds = max(r[0] for r in results)
+    samples = [x for r in results for x in r[1]]
+    figures = percentiles(samples)
+    figures["per_second"] = len(samples) / seconds
+    figures["calls"] = len(samples)
+    return figures
+
+
+def _line(label: str, figures: dict[str, float]) -> str:
+    return (
+        f"  {label:<34} p50 {figures['p50']:7.3f}  p95 {figures['p95']:7.3f}  "
+        f"p99 {figures['p99']:7.3f}  max {figures['max']:8.3f} ms   "
+        f"{figures['per_second']:8,.0f} calls/s ({figures['calls']:,.0f})"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calls", type=int, default=400, help="Calls per writer.")
+    parser.add_argument("--writers", default="1,10,100")
+    parser.add_argument("--processes", type=int, default=4, help="Writer processes at most.")
+    parser.add_argument(
+        "--pace-ms",
+        type=float,
+        default=1000.0,
+        help="Paced: ms between a writer's calls (1000: 100 writers make the document's 100/s).",
+    )
+    parser.add_argument(
+        "--drain", type=int, default=20_000, help="Backlog the two-worker drain stores."
+    )
+    parser.add_argument("--batch-size", type=int, default=1000)
+    parser.add_argument("--before", type=int, default=300, help="Calls per writer, before.")
+    parser.add_argument("--keep-db", action="store_true")
+    add_server_arguments(parser)
+    args = parser.parse_args()
+    writer_counts = [int(w) for w in args.writers.split(",")]
+
+    info = machine()
+    print(f"machine: {info['cpu']}, {info['cores']} cores, {info['ram']}, python {info['python']}")
+    print(f"load average before: {load_average()}")
+    with database(args.keep_db, args.shared_buffers) as url:
+        with psycopg.connect(url, autocommit=True) as conn:
+            migrate.upgrade(conn)
+            print(server_settings(conn))
+            conn.execute("INSERT INTO inbox_clients (client_code) VALUES (%s)", (CLIENT,))
+            inbox.set_max_pending(conn, 10_000_000)
+        first = 0
+
+        print("\nenqueue (queue_conversation_storage: one INSERT, durable on return)")
+        for mode, pace in (("closed loop", 0.0), (f"paced {args.pace_ms:g} ms", args.pace_ms)):
+            for writers in writer_counts:
+                figures = run_writers(url, writers, args.calls, first, args.processes, pace)
+                first += writers * args.calls
+                print(_line(f"{writers:>3} writers, {mode}", figures), flush=True)
+
+        print("\nbefore: store and embed inside the request (same work, same data)")
+        before_figures = {}
+        for writers in (1, 10) if args.before else ():
+            figures = run_writers(url, writers, args.before, first, args.processes, 0.0, True)
+            first += writers * args.before
+            before_figures[writers] = figures
+            print(_line(f"{writers:>3} writers, closed loop", figures), flush=True)
+
+        resource = PostgresResource(database_url=url, pool_max_size=4)
+        embedder = EmbeddingResource()
+        embedder.embed(["warm up"])
+        try:
+            with resource.connection() as conn:
+                waiting = inbox.oldest_age(conn)[1]
+            print(f"\ndrain: {waiting:,} items waiting (all distinct texts: every one embedded)")
+            report = inbox.drain(resource.pool, embedder, batch_size=args.batch_size)
+            print(
+                f"  one drain: {report.stored:,} stored in {report.seconds:.2f} s = "
+                f"{report.per_second:,.0f}/s ({report.batches} batches of {args.batch_size}; "
+                f"model {report.embed_seconds:.2f} s, {report.texts_sent:,} texts)"
+            )
+            # A second backlog, drained by one drain with two workers (two connections,
+            # disjoint items through SKIP LOCKED).
+            extra = args.drain
+            if extra < 10:
+                return
+            run_writers(url, 10, extra // 10, first, args.processes, 0.0)
+            first += extra
+            report = inbox.drain(resource.pool, embedder, batch_size=args.batch_size, workers=2)
+            print(
+                f"  two workers: {report.stored:,} stored in {report.seconds:.2f} s = "
+                f"{report.per_second:,.0f}/s (model {report.embed_seconds:.2f} s, both workers)"
+            )
+            with resource.connection() as conn:
+                total, embedded = conn.execute(
+                    "SELECT count(*), count(embedding) FROM conversations"
+                ).fetchone()
+            print(f"  conversations: {total:,}, with a vector: {embedded:,}")
+        finally:
+            resource.close()
+    print(f"\nload average after: {load_average()}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,16 @@
+DROP TRIGGER IF EXISTS pipeline_runs_observe_insert ON pipeline_runs;
+DROP TRIGGER IF EXISTS pipeline_runs_observe_update ON pipeline_runs;
+DROP FUNCTION IF EXISTS pipeline_runs_observe();
+DROP TABLE IF EXISTS asset_last_success;
+DROP FUNCTION IF EXISTS operation_of_asset(text);
+DROP FUNCTION IF EXISTS operation_latency_bucket(double precision);
+DROP FUNCTION IF EXISTS operation_latency_bounds();
+DROP TABLE IF EXISTS operation_latency;
+DROP FUNCTION IF EXISTS queue_conversation_storage(text, text, text, text, jsonb, text, text, real);
+DROP FUNCTION IF EXISTS conversation_inbox_last_seq();
+DROP SEQUENCE IF EXISTS conversation_inbox_refused_seq;
+DROP TABLE IF EXISTS inbox_state;
+DROP TABLE IF EXISTS conversation_inbox_rejects;
+DROP TABLE IF EXISTS conversation_inbox;
+DROP VIEW IF EXISTS known_clients;
+DROP TABLE IF EXISTS inbox_clients;
