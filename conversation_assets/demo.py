@@ -5,14 +5,19 @@ Everything is generated inside PostgreSQL by one set-based ``INSERT ... SELECT``
 choice is a hash of (seed, session, message), never ``random()``, so a seed always
 produces the same rows whatever plan or worker count PostgreSQL picks.
 
-The tables take the three shapes seen in the wild (see DESIGN.md):
+The tables take the three shapes seen in the wild; discovery reads each of them
+past its ``id`` (the one column all three have) and uses ``created_at`` where
+there is one (docs/design.md shows where the rows flow next):
 
 - ``n8n``: ``id SERIAL``, ``session_id VARCHAR(255)``, ``message JSONB``; no
   ``created_at`` and no index on ``session_id``; content at the top level.
 - ``langchain``: langchain-postgres's ``session_id UUID`` (indexed), ``created_at``,
   content nested under ``data``; a turn's human and AI messages share one
   ``created_at``; some system and tool messages.
-- ``seed000``: n8n's shape plus ``created_at`` with an index on it.
+- ``n8n_created_at``: n8n's shape plus ``created_at`` with an index on it.
+
+A shape only chooses a table's DDL and its generated rows; no database stores its
+name, and the demo's tables are named after their crews.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from psycopg import sql
 
 from conversation_assets import locks
 
-HISTORY_SHAPES = ("n8n", "langchain", "seed000")
+HISTORY_SHAPES = ("n8n", "langchain", "n8n_created_at")
 
 # Session lengths: 2 * U^(-1/alpha) (a Pareto tail), capped. Most sessions have 2-10
 # messages, about 1 in 90 has 100 or more, the mean is about 10.
@@ -124,7 +129,7 @@ def _check_shape(shape: str) -> None:
 _SHAPE_DDL: dict[str, tuple[str, bool, str | None]] = {
     "n8n": ("VARCHAR(255)", False, None),
     "langchain": ("UUID", True, "session_id"),
-    "seed000": ("VARCHAR(255)", True, "created_at"),
+    "n8n_created_at": ("VARCHAR(255)", True, "created_at"),
 }
 
 
@@ -465,10 +470,10 @@ _DEMO_USERS = 97  # users per client: the 97 in the messages' user_id
 _DEMO_CREWS = (
     ("acme_support", "acme", "acme_support_histories", "n8n", 300),
     ("acme_sales", "acme", "acme_sales_histories", "langchain", 200),
-    ("globex_helpdesk", "globex", "globex_helpdesk_histories", "seed000", 400),
+    ("globex_helpdesk", "globex", "globex_helpdesk_histories", "n8n_created_at", 400),
     ("globex_onboarding", "globex", "globex_onboarding_histories", "n8n", 150),
     ("initech_billing", "initech", "demo.initech_billing_histories", "langchain", 250),
-    ("initech_assistant", "initech", "initech_assistant_histories", "seed000", 300),
+    ("initech_assistant", "initech", "initech_assistant_histories", "n8n_created_at", 300),
 )
 
 

@@ -85,13 +85,16 @@ def test_shapes_have_the_real_columns_and_indexes(demo_conn: psycopg.Connection)
     }
     assert _indexed_columns(demo_conn, tables["langchain"]) == {("id", True), ("session_id", False)}
 
-    assert _columns(demo_conn, tables["seed000"]) == {
+    assert _columns(demo_conn, tables["n8n_created_at"]) == {
         "id": "integer",
         "session_id": "character varying(255)",
         "message": "jsonb",
         "created_at": "timestamp with time zone",
     }
-    assert _indexed_columns(demo_conn, tables["seed000"]) == {("id", True), ("created_at", False)}
+    assert _indexed_columns(demo_conn, tables["n8n_created_at"]) == {
+        ("id", True),
+        ("created_at", False),
+    }
 
     with pytest.raises(ValueError, match="unknown history shape"):
         demo.create_histories_table(demo_conn, _table(), "mongo")
@@ -197,8 +200,8 @@ def test_fill_looks_like_a_real_chat_product(demo_conn: psycopg.Connection, shap
     [
         ("n8n", {'message has no "type"': 3, "message is not a JSON object": 2,
                  "session_id is empty": 2}),
-        ("seed000", {'message has no "type"': 3, "message is not a JSON object": 2,
-                     "session_id is empty": 2}),
+        ("n8n_created_at", {'message has no "type"': 3, "message is not a JSON object": 2,
+                            "session_id is empty": 2}),
         ("langchain", {'message has no "type"': 4, "message is not a JSON object": 3}),
     ],
 )  # fmt: skip
@@ -241,7 +244,7 @@ def test_load_demo_is_idempotent(demo_conn: psycopg.Connection) -> None:
         shapes.add(
             "langchain"
             if columns["session_id"] == "uuid"
-            else "seed000"
+            else "n8n_created_at"
             if "created_at" in columns
             else "n8n"
         )

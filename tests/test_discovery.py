@@ -6,26 +6,24 @@ import random
 import threading
 import time
 import zlib
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 import psycopg
 from psycopg import sql
 
 from conversation_assets.discovery import discover, probe_new_work
 from resources.postgres import PostgresResource
-from tests.sources import add_crew, insert, recount, stats_flush, stored, table_id
-
-DAY = datetime(2026, 11, 20, 9, 0, tzinfo=UTC)
+from tests.sources import DAY, add_crew, insert, recount, stats_flush, stored, table_id
 
 
 def test_incremental_discovery_is_exact_on_every_source_shape(conn, postgres):
     add_crew(conn, "n8n_crew", "acme", "n8n_histories", "n8n")
     add_crew(conn, "lc_crew", "acme", "lc_histories", "langchain")
-    add_crew(conn, "s0_crew", "beta", "s0_histories", "seed000")
+    add_crew(conn, "s0_crew", "beta", "s0_histories", "n8n_created_at")
     for table, shape in [
         ("n8n_histories", "n8n"),
         ("lc_histories", "langchain"),
-        ("s0_histories", "seed000"),
+        ("s0_histories", "n8n_created_at"),
     ]:
         session = "0c6f6c58-9d3e-4a44-9d0e-1f4d5c8a0001" if shape == "langchain" else "session-ü-1"
         other = "0c6f6c58-9d3e-4a44-9d0e-1f4d5c8a0002" if shape == "langchain" else "会話-2"
@@ -61,7 +59,9 @@ def test_incremental_discovery_is_exact_on_every_source_shape(conn, postgres):
     assert duration == 180.0
 
     # A second round only reads what is new and merges it into the stored rows.
-    insert(conn, "s0_histories", "seed000", [("session-ü-1", "ai", DAY + timedelta(minutes=9))])
+    insert(
+        conn, "s0_histories", "n8n_created_at", [("session-ü-1", "ai", DAY + timedelta(minutes=9))]
+    )
     report = discover(postgres.pool, mode="incremental")
     assert report.total("rows_scanned") == 1
     assert report.total("sessions_updated") == 1
@@ -130,11 +130,11 @@ def test_ids_taken_before_the_writer_has_a_transaction_id_are_not_lost(conn, pos
 
 
 def test_rolled_back_ids_leave_gaps_that_do_not_stall_progress(conn, postgres, db_url):
-    add_crew(conn, "crew", "acme", "histories", "seed000")
+    add_crew(conn, "crew", "acme", "histories", "n8n_created_at")
     with psycopg.connect(db_url) as aborted:
-        insert(aborted, "histories", "seed000", [("ghost", "human"), ("ghost", "ai")])
+        insert(aborted, "histories", "n8n_created_at", [("ghost", "human"), ("ghost", "ai")])
         aborted.rollback()
-    kept = insert(conn, "histories", "seed000", [("real", "human")])
+    kept = insert(conn, "histories", "n8n_created_at", [("real", "human")])
 
     discover(postgres.pool)
     pending = conn.execute("SELECT pending_ids::text FROM crew_discovery_state").fetchone()[0]
@@ -199,7 +199,7 @@ def test_incremental_rounds_equal_a_full_backfill_into_a_fresh_database(
     crews = [
         ("n8n_crew", "n8n_histories", "n8n"),
         ("lc_crew", "lc_histories", "langchain"),
-        ("s0_crew", "demo.s0_histories", "seed000"),
+        ("s0_crew", "demo.s0_histories", "n8n_created_at"),
     ]
     conn.execute("CREATE SCHEMA demo")
     for crew_code, table, shape in crews:
@@ -232,11 +232,11 @@ def test_incremental_rounds_equal_a_full_backfill_into_a_fresh_database(
 
 
 def test_backfill_of_a_partition_corrects_deleted_and_changed_sessions(conn, postgres):
-    add_crew(conn, "crew", "acme", "histories", "seed000")
+    add_crew(conn, "crew", "acme", "histories", "n8n_created_at")
     insert(
         conn,
         "histories",
-        "seed000",
+        "n8n_created_at",
         [("kept", "human", DAY), ("kept", "ai", DAY), ("cleared", "human", DAY)]
         + [("trimmed", "human", DAY), ("trimmed", "ai", DAY), ("trimmed", "ai", DAY)],
     )
@@ -338,10 +338,10 @@ def test_invalid_hostile_or_missing_tables_fail_only_their_crew(conn, postgres):
 
 
 def test_killing_the_run_mid_write_then_rerunning_leaves_the_table_exact(conn, postgres, db_url):
-    add_crew(conn, "crew", "acme", "histories", "seed000")
-    insert(conn, "histories", "seed000", [(f"s{i % 40}", "human", DAY) for i in range(200)])
+    add_crew(conn, "crew", "acme", "histories", "n8n_created_at")
+    insert(conn, "histories", "n8n_created_at", [(f"s{i % 40}", "human", DAY) for i in range(200)])
     discover(postgres.pool)
-    insert(conn, "histories", "seed000", [(f"s{i % 60}", "ai", DAY) for i in range(300)])
+    insert(conn, "histories", "n8n_created_at", [(f"s{i % 60}", "ai", DAY) for i in range(300)])
 
     # Hold one session row so the run's upsert blocks in the middle of its write.
     with psycopg.connect(db_url) as blocker:
@@ -376,13 +376,15 @@ def test_killing_the_run_mid_write_then_rerunning_leaves_the_table_exact(conn, p
 
 
 def test_probe_finds_new_work_and_its_days_without_reading_history(conn, postgres):
-    add_crew(conn, "crew", "acme", "histories", "seed000")
-    insert(conn, "histories", "seed000", [("old", "human", DAY)])
+    add_crew(conn, "crew", "acme", "histories", "n8n_created_at")
+    insert(conn, "histories", "n8n_created_at", [("old", "human", DAY)])
     discover(postgres.pool)
     assert probe_new_work(conn, {}) == ([], [])
 
     later = DAY + timedelta(days=2)
-    ids = insert(conn, "histories", "seed000", [("old", "ai", later), ("new", "human", later)])
+    ids = insert(
+        conn, "histories", "n8n_created_at", [("old", "ai", later), ("new", "human", later)]
+    )
     work, problems = probe_new_work(conn, {})
     assert problems == []
     assert [(w.crew_code, w.max_id) for w in work] == [("crew", ids[-1])]
@@ -409,12 +411,12 @@ def test_a_run_with_nothing_new_only_probes_and_writes_nothing(conn, postgres):
 
 
 def test_truncate_and_a_crew_moving_client_are_reconciled(conn, postgres):
-    add_crew(conn, "crew", "acme", "histories", "seed000")
-    insert(conn, "histories", "seed000", [("a", "human", DAY), ("b", "ai", DAY)])
+    add_crew(conn, "crew", "acme", "histories", "n8n_created_at")
+    insert(conn, "histories", "n8n_created_at", [("a", "human", DAY), ("b", "ai", DAY)])
     discover(postgres.pool)
 
     conn.execute("TRUNCATE histories")  # invisible to the delete counters
-    insert(conn, "histories", "seed000", [("c", "human", DAY)])
+    insert(conn, "histories", "n8n_created_at", [("c", "human", DAY)])
     report = discover(postgres.pool)
     assert report.outcomes[0].reconciled
     live = dict(conn.execute("SELECT session_id, deleted_at IS NULL FROM discovered_sessions"))

@@ -31,8 +31,7 @@ from jobs import INCREMENTAL_RUN_CONFIG
 from resources.summarizer import SummarizerResource
 from schedules import build_metrics_schedule, performance_stats_schedule
 from sensors import build_metrics_sensor
-from tests.sources import add_crew, stats_flush
-from tests.test_conversations import DAY, record, run_pipeline, say
+from tests.sources import DAY, add_crew, record, run_pipeline, say, stats_flush
 
 EVERY_DAY = (datetime(2026, 11, 1, tzinfo=UTC), datetime(2026, 12, 1, tzinfo=UTC))
 COLUMNS = (
@@ -157,7 +156,7 @@ def test_each_kind_of_changed_input_is_picked_up_and_nothing_else_is_rewritten(c
 
 
 def test_new_messages_flow_from_the_source_to_the_enriched_row(conn, postgres):
-    add_crew(conn, "crew", "acme", "histories", "seed000")
+    add_crew(conn, "crew", "acme", "histories", "n8n_created_at")
     say(conn, "histories", "chat-1", "human", "My card was declined", at=DAY, user_id="u7")
     say(conn, "histories", "chat-1", "ai", "Let me check that.", at=DAY + timedelta(minutes=1))
     run_pipeline(postgres)
@@ -444,7 +443,7 @@ def test_each_dashboard_read_is_served_by_an_index(conn, read, index):
 
 
 def test_performance_stats_count_conversations_and_the_pipelines_runs(conn, postgres):
-    add_crew(conn, "crew", "acme", "histories", "seed000")
+    add_crew(conn, "crew", "acme", "histories", "n8n_created_at")
     now = datetime.now(UTC).replace(microsecond=0)
     say(conn, "histories", "live", "human", "hello", at=now, user_id="u1")
     resources = {"postgres": postgres, "summarizer": SummarizerResource()}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 import numpy as np
 import psycopg
@@ -20,52 +20,10 @@ from psycopg import sql
 from conversation_assets import reads
 from conversation_assets.embedded import scratch_database
 from conversation_assets.queries import query as named_query
-from conversation_assets.store import ConversationRecord, soft_delete_gone, upsert_conversations
+from conversation_assets.store import ConversationRecord, soft_delete_gone
 from resources.embeddings import EmbeddingResource
-
-NOW = datetime.now(UTC).replace(microsecond=0)
-DIM = 256  # the migrated column (the local model's dimension)
-
-
-def record(session_id: str, **changes: object) -> ConversationRecord:
-    base: dict[str, object] = {
-        "client_code": "acme",
-        "crew_code": "crew-a",
-        "session_id": session_id,
-        "user_id": "u1",
-        "full_conversation": f"User: hello from {session_id}\nAssistant: hi!",
-        "summary": f"hello from {session_id}",
-        "metadata": {"language": "en"},
-        "message_count": 2,
-        "created_at": NOW - timedelta(hours=1),
-    }
-    base.update(changes)
-    return ConversationRecord(**base)  # type: ignore[arg-type]
-
-
-def store(conn: psycopg.Connection, *records: ConversationRecord) -> list:
-    report = upsert_conversations(conn, records)
-    assert not report.rejects, report.rejects
-    return [r.id for r in records]
-
-
-def set_vectors(conn: psycopg.Connection, ids: list, vectors: np.ndarray) -> None:
-    """Store vectors as the embedding step would (embedding_hash = content_hash)."""
-    register_vector(conn)
-    with conn.transaction():
-        conn.execute("CREATE TEMP TABLE vector_stage (id uuid, embedding vector) ON COMMIT DROP")
-        with conn.cursor().copy("COPY vector_stage FROM STDIN WITH (FORMAT BINARY)") as copy:
-            copy.set_types(["uuid", "vector"])
-            for id_, vector in zip(ids, vectors, strict=True):
-                copy.write_row((id_, np.asarray(vector, dtype=np.float32)))
-        conn.execute(
-            "UPDATE conversations AS c SET embedding = s.embedding, embedding_hash = c.content_hash"
-            " FROM vector_stage AS s WHERE c.id = s.id"
-        )
-
-
-def unit(rows: np.ndarray) -> np.ndarray:
-    return (rows / np.linalg.norm(rows, axis=-1, keepdims=True)).astype(np.float32)
+from tests.sources import DIM, NOW, set_vectors, store, unit
+from tests.sources import recent_record as record
 
 
 def ids(items: list) -> list:

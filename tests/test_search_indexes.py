@@ -13,7 +13,8 @@ from pgvector.psycopg import register_vector
 from conversation_assets import locks, reads, search_indexes
 from conversation_assets.assets.search_indexes import conversation_search_indexes
 from conversation_assets.search_indexes import INDEX_PREFIX, index_name, sync_search_indexes
-from tests.test_reads import DIM, record, set_vectors, store, unit
+from tests.sources import DIM, set_vectors, store, unit
+from tests.sources import recent_record as record
 
 # A client code that needs quoting in SQL (a quote, a newline that would end a
 # comment, a backslash), to prove the predicate is a literal wherever it lands.

@@ -141,7 +141,7 @@ def test_a_racing_writer_of_another_client_is_refused_not_overwritten(conn, db_u
 
 
 def test_the_builder_never_moves_a_conversation_when_a_crew_changes_client(conn, postgres):
-    add_crew(conn, "crew-b", B, "b_histories", "seed000")
+    add_crew(conn, "crew-b", B, "b_histories", "n8n_created_at")
     conn.execute(
         "INSERT INTO b_histories (session_id, message, created_at) VALUES "
         """('s-b', '{"type": "human", "content": "hello"}', %s)""",
