@@ -145,7 +145,6 @@ def fetch_messages(
         "message": source.message,
         "message_text": source.message_text,
         "message_join": source.message_join,
-        "reject_reason": source.reject_reason(),
     }
     if source.has_session_index or spans <= high - low + 1:
         statement = query(

@@ -28,6 +28,7 @@ import psycopg
 from psycopg import sql
 
 from conversation_assets import locks
+from conversation_assets.queries import query
 
 HISTORY_SHAPES = ("n8n", "langchain", "n8n_created_at")
 
@@ -142,38 +143,41 @@ def create_histories_table(conn: psycopg.Connection, table: str, shape: str) -> 
     created_at = ", created_at TIMESTAMPTZ NOT NULL DEFAULT now()" if has_created_at else ""
     with conn.transaction():
         conn.execute(
-            sql.SQL(
-                "CREATE TABLE IF NOT EXISTS {} (id SERIAL PRIMARY KEY, "
-                "session_id {} NOT NULL, message JSONB NOT NULL{})"
-            ).format(ident, sql.SQL(session_type), sql.SQL(created_at))
+            query(
+                "demo_create_histories_table",
+                table=ident,
+                session_type=sql.SQL(session_type),  # type: ignore[arg-type]
+                created_at=sql.SQL(created_at),  # type: ignore[arg-type]
+            )
         )
         if indexed:
             conn.execute(
-                sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} ({})").format(
-                    sql.Identifier(f"{name}_{indexed}_idx"[:63]), ident, sql.Identifier(indexed)
+                query(
+                    "demo_create_histories_index",
+                    index=sql.Identifier(f"{name}_{indexed}_idx"[:63]),
+                    table=ident,
+                    column=sql.Identifier(indexed),
                 )
             )
 
 
 def _hash(expression: str, purpose: int) -> sql.Composed:
     """A non-negative bigint hash of ``expression`` under the seed, one per purpose."""
-    return sql.SQL(
-        "(hashint8extended(({})::bigint, %(seed)s::bigint * 16 + {}) & %(mask)s::bigint)"
-    ).format(sql.SQL(expression), sql.Literal(purpose))  # type: ignore[arg-type]
+    return query(
+        "demo_hash",
+        expression=sql.SQL(expression),  # type: ignore[arg-type]
+        purpose=sql.Literal(purpose),
+    )
 
 
 def _fraction(expression: str, purpose: int) -> sql.Composed:
     """The same hash as a fraction in [0, 1): its top 53 bits over 2^53."""
-    return sql.SQL("(({} >> 9)::float8 / 9007199254740992.0)").format(_hash(expression, purpose))
+    return query("demo_fraction", hash=_hash(expression, purpose))
 
 
 def _session_id(shape: str, key: sql.Composable) -> sql.Composable:
     """A session id from a text key: UUIDs for LangChain (and n8n's chat trigger)."""
-    if shape == "langchain":
-        return sql.SQL("md5({})::uuid").format(key)
-    if shape == "n8n":
-        return sql.SQL("md5({})::uuid::text").format(key)
-    return sql.SQL("'sess_' || left(md5({}), 20)").format(key)
+    return query(f"demo_{shape}_session_id", key=key)
 
 
 def _message(shape: str) -> sql.Composable:
@@ -182,69 +186,19 @@ def _message(shape: str) -> sql.Composable:
     kind 0 is a well-formed message; 1 has no "type", 2 is a JSON string instead of
     an object, 3 is well-formed (its row gets an empty session id).
     """
-    content = sql.SQL(
-        """CASE m.type
-            WHEN 'human' THEN (%(human)s::text[])[1 + m.h %% %(n_human)s]
-                || CASE WHEN m.h %% 5 = 0
-                        THEN ' ' || (%(human)s::text[])[1 + (m.h >> 8) %% %(n_human)s]
-                        ELSE '' END
-            WHEN 'ai' THEN (%(ai)s::text[])[1 + m.h %% %(n_ai)s]
-                || CASE WHEN m.h %% 3 = 0
-                        THEN ' ' || (%(follow)s::text[])[1 + (m.h >> 8) %% %(n_follow)s]
-                        ELSE '' END
-            WHEN 'tool' THEN (%(tool)s::text[])[1 + m.h %% %(n_tool)s]
-            ELSE (%(system)s::text[])[1 + m.h %% %(n_system)s]
-        END"""
+    content = query("demo_message_content")
+    kwargs = query("demo_message_kwargs")
+    return query(
+        "demo_message",
+        no_type=query(f"demo_{_message_kind(shape)}_message_no_type", content=content),
+        content=content,
+        well_formed=query(f"demo_{_message_kind(shape)}_message", content=content, kwargs=kwargs),
     )
-    # The user and channel ride on human messages (one user and channel a session,
-    # from a client's pool of users); the AI's "transferring you" turn is a handoff.
-    kwargs = sql.SQL(
-        """CASE m.type
-            WHEN 'human' THEN jsonb_build_object(
-                'user_id', 'user_' || (abs(hashtext(m.session_id::text)) %% 97)::text,
-                'channel', (ARRAY['web', 'telegram', 'whatsapp', 'messenger'])
-                               [1 + (abs(hashtext(m.session_id::text)) >> 8) %% 4])
-            WHEN 'ai' THEN CASE WHEN m.h %% %(n_ai)s = %(n_ai)s - 1
-                                THEN '{"handoff": true}'::jsonb ELSE '{}'::jsonb END
-            ELSE '{}'::jsonb END"""
-    )
-    if shape == "langchain":
-        well_formed = sql.SQL(
-            """jsonb_build_object('type', m.type, 'data',
-                   jsonb_build_object('content', {content}, 'type', m.type,
-                                      'additional_kwargs', {kwargs},
-                                      'response_metadata', '{{}}'::jsonb,
-                                      'name', NULL, 'id', NULL)
-                   || CASE m.type
-                        WHEN 'ai' THEN jsonb_build_object(
-                            'tool_calls', '[]'::jsonb, 'invalid_tool_calls', '[]'::jsonb,
-                            'usage_metadata', NULL, 'example', false)
-                        WHEN 'tool' THEN jsonb_build_object(
-                            'tool_call_id', 'call_' || left(md5(m.h::text), 24),
-                            'name', 'lookup_order', 'status', 'success', 'artifact', NULL)
-                        ELSE '{{}}'::jsonb END)"""
-        ).format(content=content, kwargs=kwargs)
-        no_type = sql.SQL(
-            "jsonb_build_object('data', jsonb_build_object('content', {content}))"
-        ).format(content=content)
-    else:
-        well_formed = sql.SQL(
-            """jsonb_build_object('type', m.type, 'content', {content},
-                                  'additional_kwargs', {kwargs},
-                                  'response_metadata', '{{}}'::jsonb)
-               || CASE WHEN m.type = 'ai' THEN jsonb_build_object(
-                      'tool_calls', '[]'::jsonb, 'invalid_tool_calls', '[]'::jsonb)
-                  ELSE '{{}}'::jsonb END"""
-        ).format(content=content, kwargs=kwargs)
-        no_type = sql.SQL(
-            "jsonb_build_object('content', {content}, 'additional_kwargs', '{{}}'::jsonb)"
-        ).format(content=content)
-    return sql.SQL(
-        """CASE m.kind
-            WHEN 1 THEN {no_type}
-            WHEN 2 THEN to_jsonb({content})
-            ELSE {well_formed} END"""
-    ).format(no_type=no_type, content=content, well_formed=well_formed)
+
+
+def _message_kind(shape: str) -> str:
+    """The message format of a shape: LangChain's, or n8n's (both n8n shapes)."""
+    return "langchain" if shape == "langchain" else "n8n"
 
 
 def _texts() -> dict[str, list[str] | int]:
@@ -287,45 +241,8 @@ def fill_histories(
     # Within a LangChain turn, the human and AI messages share one created_at.
     pair = "(k.k + s.system::int) / 2" if shape == "langchain" else "k.k"
     message_key = "s.n::bigint * 1048576 + "  # session * 2^20 + message number
-    generated = sql.SQL(
-        """
-        SELECT g.s, g.k, g.kind, g.created_at, g.type, g.h
-        FROM (
-            SELECT s.n::bigint AS s, k.k, 0 AS kind,
-                   %(start)s::timestamptz
-                     - make_interval(secs => greatest(s.span, s.back))
-                     + make_interval(secs => ({pair}) * s.step + {u_jitter} * 0.9 * s.step)
-                     AS created_at,
-                   CASE
-                       WHEN k.k = 0 AND s.system THEN 'system'
-                       WHEN (k.k - s.system::int) %% 2 = 0 THEN 'human'
-                       WHEN s.tools AND {h_tool} %% 5 = 0 THEN 'tool'
-                       ELSE 'ai' END AS type,
-                   {h_content} AS h
-            FROM (
-                SELECT l.n, l.len, l.step, l.len * l.step AS span,
-                       {u_back} * %(days)s * 86400.0 AS back,
-                       %(langchain)s AND {h_system} %% 4 = 0 AS system,
-                       %(langchain)s AND {h_tools} %% 3 = 0 AS tools
-                FROM (
-                    SELECT n,
-                           least(%(cap)s, floor(2.0 * power(1.0 - {u_len}, -1.0 / %(alpha)s)))::int
-                               AS len,
-                           15.0 + {u_step} * 150.0 AS step
-                    FROM generate_series(1, %(sessions)s) AS n
-                ) AS l
-            ) AS s
-            CROSS JOIN LATERAL generate_series(0, s.len - 1) AS k(k)
-            UNION ALL
-            SELECT 1 + (i.i::bigint * 7919) %% greatest(%(sessions)s, 1), -i.i,
-                   1 + (i.i - 1) %% %(malformed_kinds)s,
-                   %(start)s::timestamptz - make_interval(secs => {u_bad} * %(days)s * 86400.0),
-                   CASE WHEN i.i %% 2 = 0 THEN 'human' ELSE 'ai' END,
-                   {h_bad}
-            FROM generate_series(1, %(malformed)s) AS i(i)
-        ) AS g
-        ORDER BY g.created_at, g.s, g.k"""
-    ).format(
+    generated = query(
+        "demo_generated_rows",
         pair=sql.SQL(pair),
         u_jitter=_fraction(message_key + pair, 4),
         h_tool=_hash(message_key + pair, 6),
@@ -341,15 +258,8 @@ def fill_histories(
     sid = _session_id(shape, sql.SQL("'fill:' || %(seed)s::text || ':' || g.s::text"))
     if shape != "langchain":  # a UUID column cannot hold the empty session id
         sid = sql.SQL("CASE WHEN g.kind = 3 THEN '' ELSE {} END").format(sid)
-    query = sql.SQL(
-        """INSERT INTO {table} ({insert_cols})
-        SELECT {select_cols}
-        FROM (
-            SELECT {sid} AS session_id,
-                   g.kind, g.created_at, g.type, g.h
-            FROM ({generated}) AS g
-        ) AS m"""
-    ).format(
+    statement = query(
+        "demo_fill_histories",
         table=_table_identifier(table),
         insert_cols=insert_cols,
         select_cols=select_cols,
@@ -372,10 +282,10 @@ def fill_histories(
     with conn.transaction():
         # The time-order sort is narrow (four scalars a row): let it stay in memory,
         # then give an enclosing transaction its own setting back.
-        row = conn.execute("SELECT current_setting('work_mem')").fetchone()
-        conn.execute("SELECT set_config('work_mem', '512MB', true)")
-        added = conn.execute(query, params).rowcount
-        conn.execute("SELECT set_config('work_mem', %s, true)", (row[0] if row else "4MB",))
+        row = conn.execute(query("current_work_mem")).fetchone()
+        conn.execute(query("set_local_work_mem"), {"work_mem": "512MB"})
+        added = conn.execute(statement, params).rowcount
+        conn.execute(query("set_local_work_mem"), {"work_mem": row[0] if row else "4MB"})
         return added
 
 
@@ -402,13 +312,7 @@ def add_messages(
     ident = _table_identifier(table)
     with conn.transaction():
         row = conn.execute(
-            sql.SQL(
-                """SELECT (SELECT coalesce(max(id), 0) FROM {t}),
-                          (SELECT coalesce(array_agg(DISTINCT r.session_id::text), '{{}}')
-                           FROM (SELECT session_id FROM {t} ORDER BY id DESC LIMIT %s) AS r
-                           WHERE btrim(r.session_id::text) <> '')"""
-            ).format(t=ident),
-            (_RECENT_ROWS,),
+            query("demo_recent_sessions", table=ident), {"recent_rows": _RECENT_ROWS}
         ).fetchone()
         assert row is not None
         max_id, existing = int(row[0]), sorted(row[1])
@@ -421,35 +325,18 @@ def add_messages(
             "((g.i - 1) %% %(new_sessions)s)::text"
         )
         cast = sql.SQL("::uuid") if shape == "langchain" else sql.SQL("")
-        hash_i = sql.SQL(
-            "(hashint8extended(g.i::bigint, %(seed)s::bigint * 16 + {p}) & %(mask)s::bigint)"
-        )
-        query = sql.SQL(
-            """INSERT INTO {table} ({insert_cols})
-            SELECT {select_cols}
-            FROM (
-                SELECT CASE WHEN g.i <= %(to_new)s THEN {new_sid}
-                            ELSE ((%(existing)s::text[])[1 + {pick} %% %(n_existing)s]){cast}
-                       END AS session_id,
-                       0 AS kind, now() AS created_at,
-                       CASE WHEN (CASE WHEN g.i <= %(to_new)s
-                                       THEN (g.i - 1) / %(new_sessions)s ELSE g.i END) %% 2 = 0
-                            THEN 'human' ELSE 'ai' END AS type,
-                       {content_hash} AS h
-                FROM generate_series(1, %(count)s) AS g(i)
-                ORDER BY g.i
-            ) AS m"""
-        ).format(
+        statement = query(
+            "demo_add_messages",
             table=ident,
             insert_cols=insert_cols,
             select_cols=select_cols,
             new_sid=_session_id(shape, new_key),
-            pick=hash_i.format(p=10),
+            pick=_hash("g.i", 10),
             cast=cast,
-            content_hash=hash_i.format(p=11),
+            content_hash=_hash("g.i", 11),
         )
         cur = conn.execute(
-            query,
+            statement,
             {
                 "seed": seed,
                 "mask": _MASK,
@@ -480,25 +367,7 @@ _DEMO_CREWS = (
 def create_product_tables(conn: psycopg.Connection) -> None:
     """The product's own tables that enrichment joins (the pipeline never creates
     them): one insights row per client and user, one ticket per conversation."""
-    conn.execute(
-        """CREATE TABLE IF NOT EXISTS user_insights (
-               client_code    text NOT NULL,
-               user_id        text NOT NULL,
-               plan           text,
-               lifetime_value numeric(12, 2),
-               app_sessions   integer,
-               country        text,
-               PRIMARY KEY (client_code, user_id))"""
-    )
-    conn.execute(
-        """CREATE TABLE IF NOT EXISTS linked_tickets (
-               conversation_id uuid PRIMARY KEY,
-               client_code     text NOT NULL,
-               identifier      text NOT NULL,
-               title           text,
-               state           text,
-               url             text)"""
-    )
+    conn.execute(query("demo_create_product_tables"))
 
 
 def fill_product_tables(conn: psycopg.Connection) -> tuple[int, int]:
@@ -506,34 +375,13 @@ def fill_product_tables(conn: psycopg.Connection) -> tuple[int, int]:
     conversation in twelve of each crew; returns (users, tickets)."""
     create_product_tables(conn)
     users = conn.execute(
-        """INSERT INTO user_insights AS u
-           SELECT c.client_code, 'user_' || n,
-                  (ARRAY['free', 'pro', 'team'])[1 + (abs(hashtext(c.client_code || n)) %% 3)],
-                  round((abs(hashtext(n || c.client_code)) %% 500000) / 100.0, 2),
-                  abs(hashtext(c.client_code || n || 's')) %% 400,
-                  (ARRAY['US', 'FR', 'DE', 'BR', 'IN'])[1 + (abs(hashtext(n::text)) %% 5)]
-           FROM (SELECT DISTINCT client_code FROM crews) AS c,
-                generate_series(0, %(users)s - 1) AS n
-           WHERE abs(hashtext(c.client_code || n || 'has')) %% 10 <> 0
-           ON CONFLICT DO NOTHING""",
+        query("demo_fill_user_insights"),
         {"users": _DEMO_USERS},
     ).rowcount
     tickets = 0
     for crew, client, table, _shape, _sessions in _DEMO_CREWS:
         tickets += conn.execute(
-            sql.SQL(
-                """INSERT INTO linked_tickets AS t
-                   SELECT conversation_id(%(crew)s, s.session_id), %(client)s,
-                          'SUP-' || (abs(hashtext(s.session_id)) %% 90000 + 10000),
-                          'Follow-up for ' || %(crew)s,
-                          (ARRAY['Todo', 'In Progress', 'Done'])
-                              [1 + (abs(hashtext(s.session_id || 'st')) %% 3)],
-                          'https://tracker.example/SUP-'
-                              || (abs(hashtext(s.session_id)) %% 90000 + 10000)
-                   FROM (SELECT DISTINCT session_id::text AS session_id FROM {table}) AS s
-                   WHERE abs(hashtext(s.session_id || 'ticket')) %% 12 = 0
-                   ON CONFLICT DO NOTHING"""
-            ).format(table=_table_identifier(table)),
+            query("demo_fill_linked_tickets", table=_table_identifier(table)),
             {"crew": crew, "client": client},
         ).rowcount
     return users, tickets
@@ -550,18 +398,18 @@ def load_demo(conn: psycopg.Connection, *, seed: int = 7) -> dict[str, int]:
     with conn.transaction():
         # Two launchers starting together: the second waits, then sees the crews.
         locks.transaction_lock(conn, "demo")
-        row = conn.execute("SELECT EXISTS (SELECT 1 FROM crews)").fetchone()
+        row = conn.execute(query("demo_crews_exist")).fetchone()
         if row and row[0]:
             return {}
-        conn.execute("CREATE SCHEMA IF NOT EXISTS demo")
+        conn.execute(query("demo_create_schema"))
         for number, (crew, client, table, shape, sessions) in enumerate(_DEMO_CREWS):
             create_histories_table(conn, table, shape)
             added[table] = fill_histories(
                 conn, table, shape, sessions=sessions, seed=seed * 100 + number, malformed=4
             )
             conn.execute(
-                "INSERT INTO crews (crew_code, client_code, histories_table) VALUES (%s, %s, %s)",
-                (crew, client, table),
+                query("demo_register_crew"),
+                {"crew_code": crew, "client_code": client, "histories_table": table},
             )
         fill_product_tables(conn)
     return added

@@ -97,24 +97,9 @@ class Source:
                 created_at=self.created_at,
             ),
             message_join=self.message_join,
-            touched_time_problem=time_problem(sql.SQL("t.at")),
-            merge=query(
-                "merge_sessions",
-                reject_reason=row_reject_reason(
-                    sql.SQL("src.session_id"),
-                    sql.SQL("src.message"),
-                    sql.SQL("src.message_text"),
-                    sql.SQL("src.created_at"),
-                ),
-            ),
+            merge=query("merge_sessions", queue_merged=_queue_sessions("merged")),
+            queue_gone=_queue_sessions("gone"),
             **parts,
-        )
-
-    def reject_reason(self) -> sql.Composed:
-        """Why histories row ``h`` (with ``message_join``) is rejected, NULL when it is
-        used: what discovery applies, for a statement that reads the table itself."""
-        return row_reject_reason(
-            sql.SQL("h.session_id::text"), self.message, self.message_text, self.created_at
         )
 
     def recompute_filters(self, every_session: bool) -> dict[str, sql.Composable]:
@@ -165,26 +150,9 @@ class Source:
         )
 
 
-def row_reject_reason(
-    session_id: sql.Composable,
-    message: sql.Composable,
-    message_text: sql.Composable,
-    created_at: sql.Composable,
-) -> sql.Composed:
-    """The row_reject_reason block on a row's columns (see source_row): the one rule
-    for a histories row that discovery and the conversations builder both apply."""
-    return query(
-        "row_reject_reason",
-        session_id=session_id,
-        message=message,
-        message_text=message_text,
-        time_problem=time_problem(created_at),
-    )
-
-
-def time_problem(created_at: sql.Composable) -> sql.Composed:
-    """Why a row's time cannot be a session's time (the time_problem block), or NULL."""
-    return query("time_problem", created_at=created_at)
+def _queue_sessions(cte: str) -> sql.Composed:
+    """The queue_sessions block on the sessions of CTE ``cte``."""
+    return query("queue_sessions", sessions=sql.Identifier(cte))
 
 
 def histories_identifier(crew_code: str, table_name: str) -> sql.Identifier:
@@ -201,7 +169,7 @@ def histories_identifier(crew_code: str, table_name: str) -> sql.Identifier:
 def inspect_source(conn: psycopg.Connection, crew: Crew) -> Source:
     """Validate the crew's table and find out whether it has ``created_at``."""
     identifier = histories_identifier(crew.crew_code, crew.histories_table)
-    row = conn.execute("SELECT to_regclass(%s)::oid", (crew.histories_table,)).fetchone()
+    row = conn.execute(query("histories_relid"), {"table_name": crew.histories_table}).fetchone()
     if row is None or row[0] is None:
         raise CrewSourceError(
             f"crew {crew.crew_code!r}: histories table {crew.histories_table!r} does not exist"
@@ -599,7 +567,7 @@ def _recompute_logged_sessions(
 def _record_success(conn: psycopg.Connection, params: dict[str, Any]) -> None:
     """Bookkeeping only: it need not wait for its commit to reach the disk."""
     with conn.transaction():
-        conn.execute("SET LOCAL synchronous_commit = off")
+        conn.execute(query("commit_without_flush"))
         conn.execute(query("record_success"), params)
 
 
@@ -707,9 +675,7 @@ def probe_new_work(
             if new_rows:
                 source = inspect_source(conn, crew)
                 starts = conn.execute(
-                    source.query(
-                        "new_work_starts", time_problem=time_problem(sql.SQL("n.created_at"))
-                    ),
+                    source.query("new_work_starts"),
                     _params(source, from_id=seen, pending=crew.pending_ids),
                 ).fetchall()
         except (CrewSourceError, psycopg.Error) as error:

@@ -74,6 +74,7 @@ from psycopg import errors, sql
 from psycopg.conninfo import make_conninfo
 
 from conversation_assets import settings
+from conversation_assets.queries import query
 
 APP_DATABASE = "conversations"
 DAGSTER_DATABASE = "dagster"
@@ -292,8 +293,10 @@ def _adopt(data_dir: Path) -> None:
                     os.lchown(path, 0, 0)
     data_dir.chmod(0o700)
     password = secrets.token_urlsafe(32)
-    statement = sql.SQL("SET password_encryption = 'scram-sha-256'; ALTER ROLE {} PASSWORD {};")
-    script = statement.format(sql.Identifier(SUPERUSER), sql.Literal(password)).as_string(None)
+    statement = query(
+        "set_superuser_password", role=sql.Identifier(SUPERUSER), password=sql.Literal(password)
+    )
+    script = statement.as_string(None)
     _check("postgres", "--single", "-D", str(data_dir), SUPERUSER, stdin=script + "\n")
     (data_dir / "pg_hba.conf").write_text(_HBA, encoding="utf-8")
     _write_passfile(data_dir, password)
@@ -502,14 +505,22 @@ class EmbeddedPostgres:
         self.stop()
 
 
+def _create_database(name: str, template: str | None = None) -> sql.Composed:
+    return query(
+        "create_database",
+        database=sql.Identifier(name),
+        template=sql.Identifier(template or "template1"),
+    )
+
+
 def _ensure_database(admin_url: str, name: str) -> None:
     """CREATE DATABASE unless it exists (racing starters are fine)."""
     with psycopg.connect(admin_url, autocommit=True) as conn:
-        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
+        exists = conn.execute(query("database_exists"), {"name": name}).fetchone()
         if exists:
             return
         try:
-            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+            conn.execute(_create_database(name))
         except (errors.DuplicateDatabase, errors.UniqueViolation):
             pass  # a concurrent CREATE won: the catalog's unique index says so
 
@@ -548,16 +559,11 @@ def scratch_database(
     """A uniquely named database on ``server_url`` (a copy of ``template`` if given),
     dropped afterwards unless ``keep``: for tests and benchmarks. Yields its conninfo."""
     name = f"{prefix}_{uuid.uuid4().hex[:12]}"
-    create = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name))
-    if template:
-        create = sql.SQL("{} TEMPLATE {}").format(create, sql.Identifier(template))
     with psycopg.connect(server_url, autocommit=True) as admin:
-        admin.execute(create)
+        admin.execute(_create_database(name, template))
     try:
         yield make_conninfo(server_url, dbname=name)
     finally:
         if not keep:
             with psycopg.connect(server_url, autocommit=True) as admin:
-                admin.execute(
-                    sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-                )
+                admin.execute(query("drop_database", database=sql.Identifier(name)))

@@ -932,10 +932,16 @@ def sync_page(
     return outcome
 
 
+def database_now(conn: psycopg.Connection) -> datetime:
+    """The database's clock: the current transaction's start (its rows' time)."""
+    row = conn.execute(query("database_now")).fetchone()
+    assert row is not None
+    return row[0]
+
+
 def _now(pool: ConnectionPool) -> datetime:
     with pool.connection() as conn:
-        row = conn.execute("SELECT now()").fetchone()
-    return row[0]
+        return database_now(conn)
 
 
 def page_due_for_reconcile(page: Page, reconcile_after: timedelta, now: datetime) -> bool:

@@ -15,6 +15,7 @@ import psycopg
 from psycopg import sql
 
 from conversation_assets import locks
+from conversation_assets.queries import query
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 _FILE = re.compile(r"^(\d{4})_(\w+)\.up\.sql$")
@@ -44,19 +45,14 @@ def load_migrations() -> list[Migration]:
 
 
 def _ensure_table(conn: psycopg.Connection) -> None:
-    conn.execute(
-        """CREATE TABLE IF NOT EXISTS schema_migrations (
-               version    integer PRIMARY KEY,
-               name       text NOT NULL,
-               applied_at timestamptz NOT NULL DEFAULT now())"""
-    )
+    conn.execute(query("create_schema_migrations"))
 
 
 def applied_versions(conn: psycopg.Connection) -> list[int]:
-    exists = conn.execute("SELECT to_regclass('schema_migrations') IS NOT NULL").fetchone()
+    exists = conn.execute(query("schema_migrations_exists")).fetchone()
     if not exists or not exists[0]:
         return []
-    return [row[0] for row in conn.execute("SELECT version FROM schema_migrations ORDER BY 1")]
+    return [row[0] for row in conn.execute(query("applied_migration_versions"))]
 
 
 def upgrade(
@@ -83,15 +79,12 @@ def upgrade(
                 dimension = (
                     embedding_dimension() if callable(embedding_dimension) else embedding_dimension
                 )
-                conn.execute(
-                    "SELECT set_config('conversation_pipeline.embedding_dimension', %s, true)",
-                    (str(int(dimension)),),
-                )
+                conn.execute(query("set_embedding_dimension"), {"dimension": str(int(dimension))})
             with conn.transaction():
                 conn.execute(sql.SQL(migration.up_sql))  # type: ignore[arg-type]
                 conn.execute(
-                    "INSERT INTO schema_migrations (version, name) VALUES (%s, %s)",
-                    (migration.version, migration.name),
+                    query("record_migration"),
+                    {"version": migration.version, "name": migration.name},
                 )
             applied.append(migration)
     return applied
@@ -108,8 +101,6 @@ def downgrade(conn: psycopg.Connection, target: int) -> list[Migration]:
                 continue
             with conn.transaction():
                 conn.execute(sql.SQL(migration.down_sql))  # type: ignore[arg-type]
-                conn.execute(
-                    "DELETE FROM schema_migrations WHERE version = %s", (migration.version,)
-                )
+                conn.execute(query("forget_migration"), {"version": migration.version})
             reverted.append(migration)
     return reverted

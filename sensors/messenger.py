@@ -12,7 +12,12 @@ from conversation_assets.assets.messenger import (
     partition_changes,
     sync_run_request,
 )
-from conversation_assets.messenger import load_pages, page_due_for_reconcile, probe_page
+from conversation_assets.messenger import (
+    database_now,
+    load_pages,
+    page_due_for_reconcile,
+    probe_page,
+)
 from conversation_assets.messenger_api import GraphApiError, scrub
 from conversation_assets.queries import query
 from resources.messenger import MessengerResource, MessengerTokenError
@@ -91,7 +96,7 @@ def build_messenger_sync_sensor(job: Any) -> dg.SensorDefinition:
         secrets = tuple(tokens.values())
         due: list[str] = []
         with postgres.connection() as conn:
-            now = conn.execute("SELECT now()").fetchone()[0]
+            now = database_now(conn)
             for page in load_pages(conn):
                 if not page.enabled or page.page_id not in partitions:
                     continue

@@ -15,6 +15,7 @@ from conversation_assets.messenger import (
     PageOutcome,
     SyncOptions,
     build_thread_conversations,
+    database_now,
     load_pages,
     page_due_for_reconcile,
     sync_page,
@@ -137,7 +138,7 @@ def messenger_sync(
         raise dg.Failure(description=str(error)) from None
     with postgres.connection() as conn:
         pages = {p.page_id: p for p in load_pages(conn, wanted)}
-        now = conn.execute("SELECT now()").fetchone()[0]
+        now = database_now(conn)
     outcomes: list[PageOutcome] = []
     for page_id in wanted:
         page = pages.get(page_id)

@@ -224,10 +224,10 @@ ORDER BY 1, 2;
 -- name: session_messages_by_session
 -- The messages of chosen sessions, each found through its own id range (and the
 -- session_id index when the table has one). Rows discovery rejects are left out,
--- by discovery's own rule ({reject_reason}: row_reject_reason in discovery.sql)
--- on the message as discovery reads it ({message}, {message_text} and
--- {message_join}: json_message_join for a json column), so a json row jsonb
--- cannot hold is left out, not cast. {session_match} compares the stored text id
+-- by discovery's own rule (histories_row_problem, migration 0011_row_rules) on the
+-- row as discovery reads it ({message}, {message_text} and {message_join}:
+-- json_message_join for a json column), so a json row jsonb cannot hold is left
+-- out, not cast. {session_match} compares the stored text id
 -- in the column's type where an index can serve (Source.session_id_sides): an id
 -- that is no value of that type matches no row.
 SELECT s.session_id, m.id, m.message, m.created_at
@@ -238,7 +238,8 @@ CROSS JOIN LATERAL (
     FROM {histories} AS h {message_join}
     WHERE {session_match}
       AND h.id BETWEEN s.first_id AND s.last_id
-      AND {reject_reason} IS NULL
+      AND histories_row_problem(h.session_id::text, {message}, {message_text},
+                                {created_at}) IS NULL
 ) AS m
 ORDER BY s.session_id, m.id;
 
@@ -251,7 +252,8 @@ SELECT h.session_id::text AS session_id, h.id::bigint AS id, {message} AS messag
 FROM {histories} AS h {message_join}
 WHERE h.id BETWEEN %(low)s AND %(high)s
   AND h.session_id::text = ANY(%(session_ids)s::text[])
-  AND {reject_reason} IS NULL
+  AND histories_row_problem(h.session_id::text, {message}, {message_text}, {created_at})
+      IS NULL
 ORDER BY 1, 2;
 
 -- name: queue_backlog

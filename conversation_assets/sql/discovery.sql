@@ -1,7 +1,8 @@
 -- Session discovery. Placeholders: {histories} is the crew's table
 -- (psycopg.sql.Identifier), {created_at} is either h.created_at or NULL,
--- {source_row} is the source_row block below and {merge} the merge_sessions block;
--- {time_problem} and {touched_time_problem} are the time_problem block on a time.
+-- {source_row} is the source_row block below and {merge} the merge_sessions block.
+-- The row rules are functions (migration 0011_row_rules): histories_row_problem
+-- on a row as source_row reads it, session_time_problem on a time.
 
 -- name: source_row
 -- A histories row `h` as every statement reads it. {message} is h.message for a
@@ -18,32 +19,6 @@ h.id::bigint AS id, h.session_id::text AS session_id, {message} AS message,
 -- copied into every reference to the message (the reject reason, the counts).
 CROSS JOIN LATERAL (SELECT discovery_json_message(h.message) AS message OFFSET 0) AS j
 
--- name: time_problem
--- Why {created_at} (a row's time, as source_row reads it) cannot be a session's time,
--- NULL when it can. Such a row is rejected naming the row, like a bad message, and
--- its session is made of its other rows: a user sees the row and why in
--- discovery_rejects, and a fix to it (an UPDATE) brings it back. Not "time unknown"
--- instead: a session whose only times are unknown would start at now() on every
--- recompute, so it would change at each one and never match its recount. Every
--- reader of a session holds its times: PostgreSQL subtracts them (duration_seconds:
--- infinity minus infinity, or a year-294276 end, is no interval) and Python loads
--- them (years 1 to 9999 only). A day is kept clear of either end so that the time
--- still fits in any session TimeZone. A NULL time (a nullable column) is no
--- problem: the session's times come from its other rows, else from discovery.
-CASE WHEN NOT ({created_at} >= '0001-01-02 00:00:00+00'::timestamptz
-               AND {created_at} < '9999-12-31 00:00:00+00'::timestamptz)
-    THEN 'created_at ' || {created_at}::text
-         || ' is no session time (it must lie between 0001-01-02 and 9999-12-31 UTC)'
-END
-
--- name: row_reject_reason
--- Why a histories row is left out of its session, NULL when it is used: the one
--- rule discovery (merge_sessions) and the conversations builder (the
--- session_messages blocks) apply, so they count and read the same rows.
--- {session_id} is the id as text, {message} and {message_text} as in source_row,
--- {time_problem} the block above on the row's time.
-coalesce(discovery_reject_reason({session_id}, {message}, {message_text}), {time_problem})
-
 -- name: crews_with_state
 SELECT c.crew_code, c.client_code, c.histories_table,
        coalesce(s.high_water_id, 0) AS high_water_id,
@@ -58,6 +33,11 @@ FROM crews AS c
 LEFT JOIN crew_discovery_state AS s USING (crew_code)
 WHERE c.enabled AND (%(crew_codes)s::text[] IS NULL OR c.crew_code = ANY(%(crew_codes)s::text[]))
 ORDER BY c.crew_code;
+
+-- name: histories_relid
+-- The crew's table (a name already checked by histories_identifier), NULL when
+-- it does not exist.
+SELECT to_regclass(%(table_name)s)::oid AS relid;
 
 -- name: source_columns
 SELECT a.attname::text, t.typname::text
@@ -139,15 +119,27 @@ SELECT crew_code, now(), %(error)s FROM crews WHERE crew_code = %(crew_code)s
 ON CONFLICT (crew_code) DO UPDATE
 SET last_run_at = now(), last_error = EXCLUDED.last_error;
 
+-- name: queue_sessions
+-- Queue the sessions of CTE {sessions} (a session_id column) for the conversation
+-- builder, in the transaction that changed them: a session already queued gets a
+-- new version, so a build of the older one does not dequeue it. The one queue
+-- write of merge_sessions ({queue_merged}) and recompute_sessions ({queue_gone}).
+INSERT INTO conversation_queue AS q (crew_code, session_id)
+SELECT %(crew_code)s, s.session_id FROM {sessions} AS s
+ON CONFLICT (crew_code, session_id) DO UPDATE
+SET version = q.version + 1
+
 -- name: merge_sessions
--- Expects a CTE `src` (the columns of source_row); {reject_reason} is
--- row_reject_reason on src's columns. Classifies rows,
--- records rejects, aggregates per session and upserts: added to the stored
--- aggregates when %(replace)s is false (incremental), replacing them when true
--- (exact recompute). Unchanged rows are not rewritten.
+-- Expects a CTE `src` (the columns of source_row); {queue_merged} is queue_sessions
+-- on `merged`. Classifies rows by
+-- histories_row_problem (migration 0011_row_rules), records rejects, aggregates
+-- per session and upserts: added to the stored aggregates when %(replace)s is
+-- false (incremental), replacing them when true (exact recompute). Unchanged rows
+-- are not rewritten.
 checked AS NOT MATERIALIZED (
     SELECT src.id, src.session_id, src.message, src.message_text, src.created_at,
-           {reject_reason} AS reject_reason
+           histories_row_problem(src.session_id, src.message, src.message_text,
+                                 src.created_at) AS reject_reason
     FROM src
 ),
 rejected AS (
@@ -242,10 +234,7 @@ merged AS (
 ),
 -- The conversation builder's to-do list, written in this same transaction.
 queued AS (
-    INSERT INTO conversation_queue AS q (crew_code, session_id)
-    SELECT %(crew_code)s, m.session_id FROM merged AS m
-    ON CONFLICT (crew_code, session_id) DO UPDATE
-    SET version = q.version + 1
+    {queue_merged}
 ),
 changed AS (
     SELECT m.session_id, f.is_new, m.started_at, f.previous_started_at
@@ -321,9 +310,9 @@ SELECT (SELECT count(*) FROM fresh) AS fresh_rows,
        (SELECT array_agg(DISTINCT t.at) FROM (
             SELECT started_at FROM changed
             UNION ALL SELECT previous_started_at FROM changed) AS t(at)
-        -- {touched_time_problem}: time_problem on t.at. A start stored before
-        -- that rule (infinity) names no day, and would not load into Python.
-        WHERE t.at IS NOT NULL AND {touched_time_problem} IS NULL) AS touched_starts,
+        -- A start stored before the time rule (infinity) names no day, and would
+        -- not load into Python.
+        WHERE t.at IS NOT NULL AND session_time_problem(t.at) IS NULL) AS touched_starts,
        state.high_water_id,
        state.pending_ids
 FROM state;
@@ -366,10 +355,7 @@ gone AS (
     RETURNING d.session_id, d.started_at
 ),
 gone_queued AS (
-    INSERT INTO conversation_queue AS q (crew_code, session_id)
-    SELECT %(crew_code)s, g.session_id FROM gone AS g
-    ON CONFLICT (crew_code, session_id) DO UPDATE
-    SET version = q.version + 1
+    {queue_gone}
 )
 SELECT (SELECT coalesce(sum(message_count), 0) FROM batch) + (SELECT count(*) FROM rejected)
            AS fresh_rows,
@@ -382,9 +368,9 @@ SELECT (SELECT coalesce(sum(message_count), 0) FROM batch) + (SELECT count(*) FR
             SELECT started_at FROM changed
             UNION ALL SELECT previous_started_at FROM changed
             UNION ALL SELECT started_at FROM gone) AS t(at)
-        -- {touched_time_problem}: time_problem on t.at. A start stored before
-        -- that rule (infinity) names no day, and would not load into Python.
-        WHERE t.at IS NOT NULL AND {touched_time_problem} IS NULL) AS touched_starts,
+        -- A start stored before the time rule (infinity) names no day, and would
+        -- not load into Python.
+        WHERE t.at IS NOT NULL AND session_time_problem(t.at) IS NULL) AS touched_starts,
        (SELECT array_agg(session_id ORDER BY session_id)
           FROM (SELECT session_id FROM changed UNION ALL SELECT session_id FROM gone) AS x)
            AS changed_sessions;
@@ -421,7 +407,8 @@ sessions AS (
     FROM new_rows AS n
     -- The rejects' rules on the id and the time (a time that is none would not
     -- even load into Python's date).
-    WHERE discovery_session_id_problem(n.session_id) IS NULL AND {time_problem} IS NULL
+    WHERE discovery_session_id_problem(n.session_id) IS NULL
+      AND session_time_problem(n.created_at) IS NULL
     GROUP BY n.session_id
 )
 SELECT DISTINCT t.at
@@ -432,7 +419,7 @@ CROSS JOIN LATERAL (SELECT CASE
     WHEN %(time_source)s = 'discovery' THEN d.started_at
     ELSE least(d.started_at, s.first_at) END) AS t(at)
 -- As in touched_starts: a start stored before the time rule names no day.
-WHERE {touched_time_problem} IS NULL;
+WHERE session_time_problem(t.at) IS NULL;
 
 -- name: sample_sessions
 SELECT session_id FROM discovered_sessions

@@ -84,9 +84,6 @@ WHERE EXCLUDED.updated_time >= m.updated_time
        coalesce(EXCLUDED.last_message_at, m.last_message_at))
 RETURNING m.sender_id, (m.xmax = 0) AS inserted;
 
--- name: commit_without_flush
-SET LOCAL synchronous_commit = off;
-
 -- name: upsert_staged_events
 -- One statement for every message of an API page of threads; idempotent on the
 -- message id. A message id already stored under another page is left alone
@@ -279,3 +276,11 @@ SELECT count(*) FROM messenger_conversation_queue WHERE page_id = ANY(%(page_ids
 -- name: registered_messenger_pages
 -- The partitions' order: pages in the order they were registered.
 SELECT page_id FROM messenger_pages ORDER BY created_at, page_id;
+
+-- name: register_demo_pages
+-- The local Graph API's demo pages (graph_sim.DEMO_PAGES); idempotent. Returns the
+-- pages that were new.
+INSERT INTO messenger_pages (page_id, client_code, label)
+SELECT * FROM unnest(%(page_ids)s::text[], %(client_codes)s::text[], %(labels)s::text[])
+ON CONFLICT (page_id) DO NOTHING
+RETURNING page_id;
