@@ -252,15 +252,7 @@ def enrich(
                 return report
             parts, report.missing_tables = product_tables(conn)
             with conn.transaction():
-                # Room for the hash tables of both product tables (a sort on disk
-                # otherwise), and row texts that do not depend on the session.
-                for name, value in (
-                    ("work_mem", DIFF_WORK_MEM),
-                    ("DateStyle", "ISO, YMD"),
-                    ("TimeZone", "UTC"),
-                    ("extra_float_digits", "1"),
-                ):
-                    conn.execute("SELECT set_config(%s, %s, true)", (name, value))
+                conn.execute(query("enrichment_diff_settings"), {"work_mem": DIFF_WORK_MEM})
                 report.queued_for_insights = _queue_changed_rows(
                     conn, parts, "user_insights", force=mode == "full"
                 )
@@ -278,7 +270,7 @@ def enrich(
                     _rebuild_window(conn, batches, report, window, batch_size, say)
             finally:
                 batches.close()
-            left = conn.execute("SELECT count(*) FROM enrichment_queue").fetchone()
+            left = conn.execute(query("enrichment_queue_left")).fetchone()
             report.queue_left = left[0] if left else 0
     report.seconds = time.perf_counter() - started
     return report
@@ -318,7 +310,7 @@ def _drain_queue(
     max_batches: int | None,
     say: Callable[[str], None],
 ) -> None:
-    began = conn.execute("SELECT statement_timestamp()").fetchone()
+    began = conn.execute(query("statement_start")).fetchone()
     assert began is not None
     cursor: tuple[datetime, Any] | None = None
     while max_batches is None or report.batches < max_batches:
@@ -395,7 +387,7 @@ def _replace(
     with pool.connection() as conn, conn.transaction():
         locks.transaction_lock(conn, f"enrichment.{kind}")
         # A day's groups (and their durations, for the p95) hashed in memory, not on disk.
-        conn.execute("SELECT set_config('work_mem', %s, true)", (DIFF_WORK_MEM,))
+        conn.execute(query("set_local_work_mem"), {"work_mem": DIFF_WORK_MEM})
         conn.execute(query("clear_dirty_periods"), {**params, "kind": kind})
         conn.execute(query(delete), params)
         rows = conn.execute(query(insert), params).rowcount
@@ -477,9 +469,10 @@ def record_pipeline_run(
 
 def pending_dirty_periods(
     conn: psycopg.Connection, before: datetime, limit: int = 500
-) -> list[tuple[str, datetime, int]]:
-    """Days and hours (starting before ``before``) whose metrics are stale, with the
-    version of their mark."""
+) -> list[tuple[str, datetime, str]]:
+    """Days and hours (starting before ``before``) whose metrics are stale, with what
+    identifies their mark (its version and when it was made: a period marked again
+    after a refresh cleared it must not look like the mark that refresh took)."""
     return [
         (row[0], row[1], row[2])
         for row in conn.execute(query("pending_dirty_periods"), {"before": before, "limit": limit})

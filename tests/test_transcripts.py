@@ -7,6 +7,8 @@ from typing import Any
 import pytest
 
 from conversation_assets.transcripts import (
+    LANGUAGE_MIN_CONFIDENCE,
+    LANGUAGE_MIN_LETTERS,
     ConversationContent,
     SessionMessage,
     build_content,
@@ -262,6 +264,31 @@ def test_language_of_clear_sentences(text, code):
 @pytest.mark.parametrize("text", ["👍", "", "ok", "12345 !!!", "  \n "])
 def test_no_language_for_too_few_letters(text):
     assert guess_language(text) == (None, 0.0)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "msg 0 ✓ / reply 0",  # was Welsh (or Turkmen) at 0.05-0.07
+        "hello",
+        "Hi there",
+        "Thanks",
+        "password reset",  # 13 letters, but the model says Afrikaans at 0.16
+        "Hola, necesito ayuda",  # Spanish at 0.46: under the bar
+    ],
+)
+def test_no_language_for_short_or_uncertain_texts(text):
+    language, confidence = guess_language(text)
+    assert language is None
+    assert confidence < LANGUAGE_MIN_CONFIDENCE
+
+
+def test_language_thresholds():
+    assert (LANGUAGE_MIN_LETTERS, LANGUAGE_MIN_CONFIDENCE) == (10, 0.5)
+    assert guess_language("ok thanks bye")[0] == "en"  # 11 letters, 0.63
+    assert guess_language("Where is my order?")[0] == "en"
+    content = build_content(rows([n8n("human", "msg 0 ✓"), n8n("ai", "reply 0")]))
+    assert content.metadata["language"] is None
 
 
 def test_language_comes_from_the_user_not_the_assistant():

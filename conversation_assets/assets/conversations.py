@@ -9,6 +9,11 @@ from pydantic import Field
 from conversation_assets.assets.discovery import discovered_sessions
 from conversation_assets.conversations import BuildReport, build_conversations
 from conversation_assets.enrichment import record_pipeline_run
+from conversation_assets.partition_figures import (
+    database_now,
+    figures_by_day,
+    split_for_partitions,
+)
 from conversation_assets.partitions import (
     announce_other_partitions,
     daily_partitions,
@@ -19,6 +24,25 @@ from resources.postgres import PostgresResource
 from resources.summarizer import SummarizerResource
 
 warnings.filterwarnings("ignore", message="Parameter `backfill_policy`", category=dg.BetaWarning)
+
+
+# The run's own figures (a run over several partitions keeps them in run_totals).
+RUN_FIGURES = [
+    "sessions",
+    "inserted",
+    "updated",
+    "unchanged",
+    "soft_deleted",
+    "rejected",
+    "sessions_without_messages",
+    "batches",
+    "queue_left",
+    "read_ms",
+    "build_ms",
+    "write_ms",
+    "rows_written_per_second",
+    "duration_ms",
+]
 
 
 class ConversationsConfig(dg.Config):
@@ -87,6 +111,7 @@ def conversations(
     ``conversation_embeddings`` so a slow model never holds this step.
     """
     window = context.partition_time_window
+    since = database_now(postgres.pool)
     use_llm = summarizer.backend != "extractive"
     report = build_conversations(
         postgres.pool,
@@ -119,7 +144,14 @@ def conversations(
     )
     metadata = _build_metadata(report)
     metadata["summarizer"] = summarizer.name
-    return dg.MaterializeResult(metadata=metadata)
+    per_day = None
+    if len(context.partition_keys) > 1:
+        per_day = figures_by_day(
+            postgres.pool, "conversations_by_day", (window.start, window.end), since
+        )
+    return dg.MaterializeResult(
+        metadata=split_for_partitions(context, metadata, RUN_FIGURES, per_day)
+    )
 
 
 @dg.asset_check(

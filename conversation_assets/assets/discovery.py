@@ -18,6 +18,11 @@ from conversation_assets.discovery import (
     recount_sessions,
 )
 from conversation_assets.enrichment import record_pipeline_run
+from conversation_assets.partition_figures import (
+    database_now,
+    figures_by_day,
+    split_for_partitions,
+)
 from conversation_assets.partitions import (
     announce_other_partitions,
     daily_partitions,
@@ -27,6 +32,16 @@ from conversation_assets.queries import query
 from resources.postgres import PostgresResource
 
 RECOUNT_SAMPLE_PER_CREW = 25
+# The run's own figures: a run over several partitions keeps them in run_totals, and
+# each partition gets its day's sessions (partition_figures.split_for_partitions).
+RUN_FIGURES = [
+    "rows_scanned",
+    "rejected_rows",
+    "sessions_new",
+    "sessions_updated",
+    "sessions_deleted",
+    "duration_ms",
+]
 
 
 class DiscoveryConfig(dg.Config):
@@ -94,12 +109,14 @@ def _report_metadata(report: DiscoveryReport) -> dict[str, Any]:
 warnings.filterwarnings("ignore", message="Parameter `backfill_policy`", category=dg.BetaWarning)
 
 
+# No freshness policy: an idle pipeline launches no run (nothing changed), so the time
+# since the last materialization says nothing about its health. What does: a run in
+# which every crew it worked on failed fails, and crews_discoverable fails with ERROR
+# severity for a crew that failed its last DISCOVERY_CREW_FAILURE_RUNS runs (and a run
+# in which every crew failed fails).
 @dg.asset(
     partitions_def=daily_partitions,
     backfill_policy=dg.BackfillPolicy.single_run(),
-    freshness_policy=dg.FreshnessPolicy.time_window(
-        warn_window=timedelta(minutes=10), fail_window=timedelta(minutes=30)
-    ),
     pool="conversation_db",
     kinds={"postgres"},
     group_name="discovery",
@@ -114,6 +131,7 @@ def discovered_sessions(
     the source, soft-deleting those whose rows are gone.
     """
     window = context.partition_time_window
+    since = database_now(postgres.pool)
     report = discover(
         postgres.pool,
         mode=config.mode,
@@ -125,9 +143,13 @@ def discovered_sessions(
     )
     for outcome in report.failed:
         context.log.error(outcome.error)
+    # Every crew failed: the run fails. One broken crew beside healthy ones (idle or
+    # not) leaves the run green so that its checks run: crews_discoverable turns to
+    # ERROR once the crew failed its last DISCOVERY_CREW_FAILURE_RUNS runs.
     if report.failed and not report.succeeded and not report.idle_crews:
         raise dg.Failure(
-            description="discovery failed for every crew",
+            description=f"discovery failed for every crew ({len(report.failed)}): "
+            + "; ".join(report.errors.values()),
             metadata={"crew_errors": dg.MetadataValue.json(report.errors)},
         )
     metadata = _report_metadata(report)
@@ -142,7 +164,16 @@ def discovered_sessions(
         rows_scanned=report.total("rows_scanned"),
         items=sum(report.total(f"sessions_{kind}") for kind in ("new", "updated", "deleted")),
     )
-    return dg.MaterializeResult(metadata={"mode": config.mode, **metadata})
+    per_day = None
+    if len(context.partition_keys) > 1:
+        per_day = figures_by_day(
+            postgres.pool, "discovered_sessions_by_day", (window.start, window.end), since
+        )
+    return dg.MaterializeResult(
+        metadata=split_for_partitions(
+            context, {"mode": config.mode, **metadata}, RUN_FIGURES, per_day
+        )
+    )
 
 
 def _crew_problem(crew_code: str, error: Exception) -> str:
@@ -195,16 +226,38 @@ def discovered_sessions_match_source(postgres: PostgresResource) -> dg.AssetChec
     )
 
 
-@dg.asset_check(asset=discovered_sessions, description="Every enabled crew's table is readable.")
+@dg.asset_check(
+    asset=discovered_sessions,
+    description="Every enabled crew's table is readable: fails (ERROR) for a crew whose last "
+    "DISCOVERY_CREW_FAILURE_RUNS discovery runs failed, warns for one that failed fewer.",
+    blocking=False,
+)
 def crews_discoverable(postgres: PostgresResource) -> dg.AssetCheckResult:
-    """Warns with each failing crew's last error; reports, never raises."""
+    """Each failing crew with its last error and how many runs in a row it failed;
+    reports, never raises. One successful run of the crew clears it."""
+    threshold = settings.load().discovery_crew_failure_runs
     try:
         with postgres.connection() as conn:
-            rows = conn.execute(query("crew_errors")).fetchall()
+            rows = conn.execute(query("crew_failure_streaks")).fetchall()
     except psycopg.Error as error:
-        rows = [("*", f"the crews' status could not be read: {error}".strip())]
+        rows = [("*", threshold, f"the crews' status could not be read: {error}".strip())]
+    broken = {crew: error for crew, streak, error in rows if streak >= threshold}
+    severity = dg.AssetCheckSeverity.ERROR if broken else dg.AssetCheckSeverity.WARN
+    description = None
+    if broken:
+        description = "; ".join(
+            f"crew {crew} failed its last {streak} discovery runs: {error}"
+            for crew, streak, error in rows
+            if crew in broken
+        )
     return dg.AssetCheckResult(
         passed=not rows,
-        severity=dg.AssetCheckSeverity.WARN,
-        metadata={"crew_errors": dg.MetadataValue.json(dict(rows))},
+        severity=severity,
+        description=description,
+        metadata={
+            "crew_errors": dg.MetadataValue.json({crew: error for crew, _, error in rows}),
+            "consecutive_failures": dg.MetadataValue.json({crew: n for crew, n, _ in rows}),
+            "failing_crews_over_threshold": dg.MetadataValue.json(sorted(broken)),
+            "threshold_runs": threshold,
+        },
     )

@@ -15,6 +15,11 @@ from conversation_assets.enrichment import (
     refresh_metrics,
     refresh_performance,
 )
+from conversation_assets.partition_figures import (
+    database_now,
+    figures_by_day,
+    split_for_partitions,
+)
 from conversation_assets.partitions import (
     announce_other_partitions,
     daily_partitions,
@@ -25,6 +30,19 @@ from conversation_assets.queries import query
 from resources.postgres import PostgresResource
 
 warnings.filterwarnings("ignore", message="Parameter `backfill_policy`", category=dg.BetaWarning)
+
+
+# The run's own figures (a run over several partitions keeps them in run_totals).
+ENRICHED_RUN_FIGURES = [
+    "conversations_compared",
+    "written",
+    "removed",
+    "queued_for_user_insights",
+    "queued_for_tickets",
+    "batches",
+    "queue_left",
+    "duration_ms",
+]
 
 
 class EnrichmentConfig(dg.Config):
@@ -70,6 +88,7 @@ def enriched_conversations(
     readers see the old row or the new one, never a lock.
     """
     window = context.partition_time_window
+    since = database_now(postgres.pool)
     report = enrich(
         postgres.pool,
         mode=config.mode,
@@ -96,21 +115,33 @@ def enriched_conversations(
         items=report.written + report.removed,
         batches=report.batches,
     )
+    per_day = None
+    if len(context.partition_keys) > 1:
+        per_day = figures_by_day(
+            postgres.pool, "enriched_by_day", (window.start, window.end), since
+        )
     return dg.MaterializeResult(
-        metadata={
-            "mode": report.mode,
-            "conversations_compared": report.conversations,
-            "written": report.written,
-            "removed": report.removed,
-            "queued_for_user_insights": report.queued_for_insights,
-            "queued_for_tickets": report.queued_for_tickets,
-            "batches": report.batches,
-            "queue_left": report.queue_left,
-            "missing_tables": dg.MetadataValue.json(report.missing_tables),
-            "skipped": report.skipped_reason or "",
-            "touched_partitions": dg.MetadataValue.json(partition_keys_for(report.touched_days)),
-            "duration_ms": round(report.seconds * 1000, 1),
-        }
+        metadata=split_for_partitions(
+            context,
+            {
+                "mode": report.mode,
+                "conversations_compared": report.conversations,
+                "written": report.written,
+                "removed": report.removed,
+                "queued_for_user_insights": report.queued_for_insights,
+                "queued_for_tickets": report.queued_for_tickets,
+                "batches": report.batches,
+                "queue_left": report.queue_left,
+                "missing_tables": dg.MetadataValue.json(report.missing_tables),
+                "skipped": report.skipped_reason or "",
+                "touched_partitions": dg.MetadataValue.json(
+                    partition_keys_for(report.touched_days)
+                ),
+                "duration_ms": round(report.seconds * 1000, 1),
+            },
+            ENRICHED_RUN_FIGURES,
+            per_day,
+        )
     )
 
 
@@ -157,6 +188,7 @@ def conversation_metrics(
     p95 duration, with embeddings, handed off, average sentiment. A refresh replaces
     exactly its days in one transaction."""
     window = context.partition_time_window
+    since = database_now(postgres.pool)
     replaced = refresh_metrics(postgres.pool, (window.start, window.end))
     with postgres.connection() as conn:
         recount = metrics_vs_recount(conn, (window.start, window.end))
@@ -164,8 +196,16 @@ def conversation_metrics(
         context.log.error(
             f"{recount.mismatches} metrics rows differ from a recount: {recount.examples[:3]}"
         )
+    per_day = None
+    if len(context.partition_keys) > 1:
+        per_day = figures_by_day(postgres.pool, "metrics_by_day", (window.start, window.end), since)
     return dg.MaterializeResult(
-        metadata={"rows": replaced.rows, "duration_ms": round(replaced.seconds * 1000, 1)},
+        metadata=split_for_partitions(
+            context,
+            {"rows": replaced.rows, "duration_ms": round(replaced.seconds * 1000, 1)},
+            ["rows", "duration_ms"],
+            per_day,
+        ),
         check_results=[
             dg.AssetCheckResult(
                 check_name="totals_match_recount",

@@ -14,6 +14,15 @@ SELECT a.attname
 FROM pg_attribute AS a
 WHERE a.attrelid = to_regclass(%(table)s) AND a.attnum > 0 AND NOT a.attisdropped;
 
+-- name: enrichment_diff_settings
+-- For the transaction that diffs the product tables: room for the hash tables of
+-- both (a sort on disk otherwise), and row texts that do not depend on the
+-- session's settings (the row hashes are taken over them).
+SELECT set_config('work_mem', %(work_mem)s, true),
+       set_config('DateStyle', 'ISO, YMD', true),
+       set_config('TimeZone', 'UTC', true),
+       set_config('extra_float_digits', '1', true);
+
 -- name: product_table_fingerprint
 -- The table's file and write counters now ('missing' when it does not exist; NULL
 -- when the counters are off), and what the last refresh saw.
@@ -111,6 +120,9 @@ WHERE q.queued_at <= %(until)s
        OR (q.queued_at, q.conversation_id) > (%(after)s::timestamptz, %(after_id)s::uuid))
 ORDER BY q.queued_at, q.conversation_id
 LIMIT %(limit)s;
+
+-- name: enrichment_queue_left
+SELECT count(*) FROM enrichment_queue;
 
 -- name: lock_enriched_entries
 -- The batch's queue entries, locked in id order (as every writer of the queue
@@ -286,7 +298,9 @@ DELETE FROM metrics_dirty_periods
 WHERE kind = %(kind)s AND period_start >= %(window_start)s AND period_start < %(window_end)s;
 
 -- name: pending_dirty_periods
-SELECT kind, period_start, version
+-- A mark is known by its version and when it was made: a refresh deletes marks, and
+-- a period marked again afterwards starts over at version 1.
+SELECT kind, period_start, version || '@' || extract(epoch FROM marked_at) AS version
 FROM metrics_dirty_periods
 WHERE period_start < %(before)s
 ORDER BY kind, period_start
