@@ -29,7 +29,7 @@ import psutil
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
-from conversation_assets import migrate, settings
+from conversation_assets import graph_sim, migrate, settings
 from conversation_assets.embedded import (
     EmbeddedPostgres,
     default_data_dir,
@@ -204,6 +204,48 @@ def _cmd_search_indexes(args: argparse.Namespace) -> int:
         f"{len(report.dropped)} dropped, {len(report.failed)} failed, {report.seconds:.1f} s)"
     )
     return 1 if report.failed else 0
+
+
+def _cmd_metrics_server(args: argparse.Namespace) -> int:
+    """Serve Prometheus text at /metrics, every figure read from the database per scrape."""
+    from conversation_assets.monitoring import serve_metrics
+
+    current = settings.load()
+    host = args.host or current.metrics_server_host
+    port = args.port or current.metrics_server_port
+    if not _port_free(host, port):
+        raise CliError(f"port {port} on {host} is already in use; pass --port to pick another")
+    stop, bound = serve_metrics(database_url(), host, port, current.pg_application_name)
+    _say(f"metrics at http://{_probe_host(host)}:{bound}/metrics  (Ctrl-C to stop)")
+    try:
+        while True:
+            time.sleep(3600)
+    except (_Interrupted, KeyboardInterrupt):
+        return 0
+    finally:
+        with _signals_deferred():
+            stop()
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    """The dashboard in the terminal; exit code 0 healthy, 1 warning, 2 critical."""
+    from conversation_assets.monitoring import status
+    from resources.postgres import PostgresResource
+
+    current = settings.load()
+    resource = PostgresResource(
+        database_url=database_url(),
+        pool_min_size=1,
+        pool_max_size=1,
+        application_name=f"{current.pg_application_name}-status",
+    )
+    try:
+        verdict = status(resource.pool, current, every=args.watch)
+    except (_Interrupted, KeyboardInterrupt):
+        return 0
+    finally:
+        resource.close()
+    return {"healthy": 0, "warning": 1, "critical": 2}[verdict.health]
 
 
 # --- dev: dagster dev as a supervised child ----------------------------------------
@@ -400,11 +442,11 @@ def _exit_code(returncode: int) -> int:
     return returncode or 1
 
 
-def run_dagster_dev(url: str, host: str, port: int) -> int:
+def run_dagster_dev(url: str, host: str, port: int, extra_env: dict[str, str]) -> int:
     """Start ``dagster dev`` on ``url``, announce its URL once it answers, supervise it."""
     root = repo_root()
     dagster_home = root / "dagster_home"
-    env = dict(os.environ)
+    env = dict(os.environ) | extra_env
     env.update(
         DATABASE_URL=url,
         DAGSTER_PG_URL=dagster_url(url),
@@ -454,6 +496,35 @@ def run_dagster_dev(url: str, host: str, port: int) -> int:
             _stop_child(child)
 
 
+@contextmanager
+def _demo_graph_api(url: str) -> Iterator[dict[str, str]]:
+    """With MESSENGER_GRAPH_URL unset, a local Graph API serving the demo pages (a new
+    message every 15 s) for as long as dev runs, its pages registered: Messenger
+    threads flow into the UI with nothing to configure. Set, the real API is used."""
+    if "messenger_graph_url" in settings.load().model_fields_set:
+        yield {}
+        return
+    sim = graph_sim.demo_sim()
+    stop = threading.Event()
+    with graph_sim.serve(sim) as graph_url:
+        threading.Thread(target=graph_sim.live_traffic, args=(sim, 15.0, stop), daemon=True).start()
+        with psycopg.connect(url, autocommit=True) as conn:
+            graph_sim.register_demo_pages(conn)
+        _say(f"MESSENGER_GRAPH_URL is unset: demo Messenger pages served at {graph_url}")
+        try:
+            yield {
+                "MESSENGER_GRAPH_URL": graph_url,
+                "MESSENGER_PAGE_TOKENS": graph_sim.demo_tokens_json(),
+            }
+        finally:
+            stop.set()
+
+
+def _cmd_graph_sim(args: argparse.Namespace) -> int:
+    """The local Graph API (demo pages, or one benchmark page) until interrupted."""
+    return graph_sim.run(args)
+
+
 def _cmd_dev(args: argparse.Namespace) -> int:
     if not _port_free(args.host, args.port):  # before anything starts: fail fast
         raise CliError(
@@ -463,7 +534,8 @@ def _cmd_dev(args: argparse.Namespace) -> int:
     _say(f"using {_describe(url)}")
     run_migrations(url)
     load_demo_data(url)
-    code = run_dagster_dev(url, args.host, args.port)
+    with _demo_graph_api(url) as graph_env:
+        code = run_dagster_dev(url, args.host, args.port, graph_env)
     with _signals_deferred():
         stop_embedded()
     _say("stopped" if code == 0 else f"exiting with code {code}")
@@ -513,6 +585,26 @@ def _parser() -> argparse.ArgumentParser:
         help="most maintenance_work_mem one build gets (1024; about 3 KB a 256-d vector)",
     )
     index_cmd.set_defaults(handler=_cmd_search_indexes)
+    metrics_cmd = commands.add_parser(
+        "metrics-server",
+        help="serve Prometheus metrics (inbox, queues, latency histograms, last successes) "
+        "read from the database at each scrape",
+    )
+    metrics_cmd.add_argument("--port", type=int, help="port (METRICS_SERVER_PORT, 9464)")
+    metrics_cmd.add_argument("--host", help="address (METRICS_SERVER_HOST, 127.0.0.1)")
+    metrics_cmd.set_defaults(handler=_cmd_metrics_server)
+    status_cmd = commands.add_parser(
+        "status", help="print the dashboard: queue depth, throughput, p50/p95/p99, health"
+    )
+    status_cmd.add_argument(
+        "--watch", type=float, metavar="SECONDS", help="refresh every SECONDS until Ctrl-C"
+    )
+    status_cmd.set_defaults(handler=_cmd_status)
+    sim_cmd = commands.add_parser(
+        "graph-sim", help="serve a local Graph API with demo Messenger pages"
+    )
+    graph_sim.add_arguments(sim_cmd)
+    sim_cmd.set_defaults(handler=_cmd_graph_sim)
     dev_cmd = commands.add_parser(
         "dev", help="migrate, load demo data and run the Dagster UI and daemon"
     )

@@ -42,6 +42,8 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 
 import orjson
 
+from conversation_assets.queries import query
+
 GRAPH_VERSION = "v23.0"
 THROTTLE_CODES = {"app": 4, "user": 17, "page": 32, "custom": 613, "business": 80001}
 _THROTTLE_MESSAGES = {
@@ -900,19 +902,17 @@ def demo_tokens_json() -> str:
 def register_demo_pages(conn: Any) -> int:
     """Register the demo pages in messenger_pages (idempotent); how many were new."""
     rows = conn.execute(
-        """INSERT INTO messenger_pages (page_id, client_code, label)
-           SELECT * FROM unnest(%s::text[], %s::text[], %s::text[])
-           ON CONFLICT (page_id) DO NOTHING RETURNING page_id""",
-        (
-            [p[0] for p in DEMO_PAGES],
-            [p[2] for p in DEMO_PAGES],
-            [p[1] for p in DEMO_PAGES],
-        ),
+        query("register_demo_pages"),
+        {
+            "page_ids": [p[0] for p in DEMO_PAGES],
+            "client_codes": [p[2] for p in DEMO_PAGES],
+            "labels": [p[1] for p in DEMO_PAGES],
+        },
     ).fetchall()
     return len(rows)
 
 
-def _live_traffic(sim: GraphSim, every: float, stop: threading.Event) -> None:
+def live_traffic(sim: GraphSim, every: float, stop: threading.Event) -> None:
     """A new message in a random demo thread every `every` seconds (a live inbox)."""
     while not stop.wait(every):
         with sim.lock:
@@ -927,6 +927,12 @@ def main(argv: list[str] | None = None) -> int:
     """Run the local Graph API until interrupted (what `conversation-pipeline graph-sim`
     starts). Prints the MESSENGER_GRAPH_URL and MESSENGER_PAGE_TOKENS to use."""
     parser = argparse.ArgumentParser(prog="graph-sim", description=main.__doc__)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The simulator's options, for its own entry point and the project's CLI."""
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--latency-ms", type=float, default=0.0)
@@ -943,7 +949,10 @@ def main(argv: list[str] | None = None) -> int:
         help="serve one page of this many threads instead of the demo pages",
     )
     parser.add_argument("--bench-messages", type=int, default=20)
-    args = parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve until interrupted, with the options add_arguments declares."""
     if args.bench_threads:
         sim = GraphSim(latency=args.latency_ms / 1000, start=datetime(2026, 11, 20, tzinfo=UTC))
         sim.add_page(BENCH_PAGE, "Benchmark page", demo_token(BENCH_PAGE))
@@ -961,7 +970,7 @@ def main(argv: list[str] | None = None) -> int:
     with serve(sim, args.port, args.host) as url:
         if args.live_every > 0:
             threading.Thread(
-                target=_live_traffic, args=(sim, args.live_every, stop), daemon=True
+                target=live_traffic, args=(sim, args.live_every, stop), daemon=True
             ).start()
         print(f"MESSENGER_GRAPH_URL={url}", flush=True)
         tokens = {p: demo_token(p) for p in sim.pages}

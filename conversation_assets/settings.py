@@ -14,12 +14,13 @@ the typed value itself, which Dagster shows and validates like any config.
 
 from __future__ import annotations
 
+import json
 from datetime import date
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import dagster as dg
-from pydantic import AfterValidator, Field, ValidationError, model_validator
+from pydantic import AfterValidator, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -100,14 +101,26 @@ class Settings(BaseSettings):
         description="`false` leaves every schedule and sensor stopped by default "
         "(`discovery_schedule`, `metrics_schedule`, `performance_stats_schedule`, "
         "`search_index_schedule`, `new_histories_sensor`, `embedding_backlog_sensor`, "
-        "`metrics_sensor`): start them in the UI when you want them.",
+        "`enrichment_queue_sensor`, `metrics_sensor`): start them in the UI when you want "
+        "them.",
     )
     metrics_sensor_interval_seconds: Seconds = Field(
-        default=60,
-        description="How often `metrics_sensor` looks for days and hours whose metrics went stale.",
+        default=10,
+        description="How often `metrics_sensor` looks for days and hours whose metrics went "
+        "stale (one indexed query; Dagster's sensor daemon ticks at most every 5 s).",
     )
     discovery_sensor_interval_seconds: Seconds = Field(
-        default=30, description="How often `new_histories_sensor` probes the histories tables."
+        default=5,
+        description="How often `new_histories_sensor` probes the histories tables (a "
+        "primary-key lookup per table: milliseconds; Dagster's sensor daemon ticks at most "
+        "every 5 s).",
+    )
+    discovery_crew_failure_runs: int = Field(
+        default=3,
+        ge=1,
+        description="A crew whose last this many discovery runs failed fails the "
+        "`crews_discoverable` check with ERROR severity, naming the crew and its error "
+        "(fewer failures: a warning).",
     )
     discovery_partitions_start: date = Field(
         default=date(2025, 1, 1),
@@ -175,9 +188,15 @@ class Settings(BaseSettings):
         "unset: asked of the configured model.",
     )
     embedding_sensor_interval_seconds: Seconds = Field(
-        default=30,
+        default=5,
         description="How often `embedding_backlog_sensor` looks for conversations waiting "
         "for a vector.",
+    )
+    enrichment_sensor_interval_seconds: Seconds = Field(
+        default=5,
+        description="How often `enrichment_queue_sensor` looks for conversation writes "
+        "waiting for `enriched_conversations` (a vector, the product's own UPDATE; one "
+        "index probe).",
     )
     summarizer_backend: Literal["extractive", "ollama", "openai"] = Field(
         default="extractive",
@@ -203,9 +222,155 @@ class Settings(BaseSettings):
         "server's `dagster` database, or `DATABASE_URL`'s database.",
     )
 
+    # --- messaging-platform sync (Messenger through the Graph API) ---------------------
+    messenger_graph_url: HttpRoot = Field(
+        default="https://graph.facebook.com/v23.0",
+        description="Graph API root with its pinned version, where `messenger_conversations` "
+        "reads each page's Messenger inbox. `scripts/dev` points it at the local simulator "
+        "(`conversation-pipeline graph-sim`).",
+    )
+    messenger_page_tokens: str | None = Field(
+        default=None,
+        description="Page access tokens, a JSON object of page id to token (a secret; never "
+        "stored in a table, shown in logs, metadata or errors).",
+    )
+    messenger_page_tokens_file: Path | None = Field(
+        default=None,
+        description="A mounted secret file holding the same JSON object (Docker or Kubernetes "
+        "secrets); its tokens win over `MESSENGER_PAGE_TOKENS`.",
+    )
+    messenger_app_secret: str | None = Field(
+        default=None,
+        description="The Facebook app's secret: every call then carries `appsecret_proof` "
+        "(a secret).",
+    )
+    messenger_timeout_seconds: Seconds = Field(
+        default=30, description="Timeout of one Graph API request."
+    )
+    messenger_usage_threshold_percent: int = Field(
+        default=75,
+        gt=0,
+        le=100,
+        description="Past this usage in any of `X-App-Usage`, `X-Page-Usage` and "
+        "`X-Business-Use-Case-Usage`, the sync paces its calls (longer the closer to 100%).",
+    )
+    messenger_max_throttle_wait_seconds: int = Field(
+        default=900,
+        ge=0,
+        description="Longest pause a sync takes when throttled (the platform's "
+        "`estimated_time_to_regain_access`); a longer one stops the page with its progress "
+        "kept, and the sensor leaves it alone until then.",
+    )
+    messenger_overlap_seconds: int = Field(
+        default=300,
+        ge=0,
+        description="An incremental sync lists threads down to the page's watermark minus "
+        "this, so a thread stamped just before the watermark is not missed.",
+    )
+    messenger_reconcile_hours: int = Field(
+        default=24,
+        ge=0,
+        description="An incremental sync of a page whose last full sync is older than this "
+        "runs as a full sync (threads and messages gone at the source marked deleted); `0`: "
+        "never.",
+    )
+    messenger_sensor_interval_seconds: Seconds = Field(
+        default=60,
+        description="How often `messenger_sync_sensor` probes each enabled page (one light "
+        "call) and `messenger_pages_sensor` mirrors `messenger_pages` into partitions.",
+    )
+
+    @field_validator("messenger_page_tokens")
+    @classmethod
+    def _page_tokens_are_an_object(cls, value: str | None) -> str | None:
+        """A JSON object of page id to token; the error never repeats the value."""
+        if value is None:
+            return value
+        try:
+            tokens = json.loads(value)
+        except ValueError:
+            raise ValueError("must be a JSON object of page id to token") from None
+        if not isinstance(tokens, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) and v.strip() for k, v in tokens.items()
+        ):
+            raise ValueError("must be a JSON object of page id to token (text)")
+        return value
+
+    # --- push ingestion (inbox) and live metrics ---------------------------------------
+
+    inbox_max_pending: int = Field(
+        default=100_000,
+        gt=0,
+        description="Most conversations the inbox holds: past it, `queue_conversation_storage` "
+        "refuses the call (`InboxFullError`, SQLSTATE `CPQ01`) and nothing is stored. Kept in "
+        "the database (`inbox_state`) by each drain run, where callers in any language read it.",
+    )
+    inbox_batch_size: int = Field(
+        default=1000, gt=0, description="Inbox items a drain stores per transaction."
+    )
+    inbox_max_attempts: int = Field(
+        default=5,
+        gt=0,
+        description="Drains an inbox item may fail alone before it moves to "
+        "`conversation_inbox_rejects` with its error.",
+    )
+    inbox_sensor_interval_seconds: Seconds = Field(
+        default=5,
+        description="How often `inbox_sensor` looks for waiting inbox items (one drain run "
+        "at a time).",
+    )
+    metrics_server_host: str = Field(
+        default="127.0.0.1",
+        min_length=1,
+        description="Address `conversation-pipeline metrics-server` listens on "
+        "(`0.0.0.0`: every interface).",
+    )
+    metrics_server_port: int = Field(
+        default=9464,
+        ge=1,
+        le=65535,
+        description="Port of `conversation-pipeline metrics-server` (Prometheus text at "
+        "`/metrics`).",
+    )
+    inbox_age_warning_seconds: Seconds = Field(
+        default=60,
+        description="Health turns `warning` when the inbox's oldest item waited this long "
+        "(the `inbox_oldest_item_fresh` check warns too).",
+    )
+    inbox_age_critical_seconds: Seconds = Field(
+        default=300,
+        description="Health turns `critical` (and the check fails as an error) past this age.",
+    )
+    inbox_depth_warning: int = Field(
+        default=10_000, gt=0, description="Health turns `warning` with this many items waiting."
+    )
+    inbox_depth_critical: int = Field(
+        default=50_000, gt=0, description="Health turns `critical` with this many items waiting."
+    )
+    enqueue_p99_warning_ms: float = Field(
+        default=5.0,
+        gt=0,
+        description="Health turns `warning` when the enqueue's p99 (its histogram) is above this.",
+    )
+    enqueue_p99_critical_ms: float = Field(
+        default=50.0, gt=0, description="Health turns `critical` past this enqueue p99."
+    )
+    alert_webhook_url: HttpRoot = Field(
+        default=None,
+        description='Slack-compatible webhook (a secret): a JSON `{"text": ...}` is posted '
+        "when an inbox check fails or a run fails. Unset: no call.",
+    )
+
 
 SECRETS = frozenset(
-    {"DATABASE_URL", "EMBEDDING_API_KEY", "SUMMARIZER_API_KEY", "ALERT_WEBHOOK_URL"}
+    {
+        "DATABASE_URL",
+        "EMBEDDING_API_KEY",
+        "SUMMARIZER_API_KEY",
+        "ALERT_WEBHOOK_URL",
+        "MESSENGER_PAGE_TOKENS",
+        "MESSENGER_APP_SECRET",
+    }
 )
 
 

@@ -5,6 +5,8 @@ from datetime import UTC, timedelta
 import dagster as dg
 
 from conversation_assets import settings
+from conversation_assets.discovery import probe_new_work
+from conversation_assets.queries import query
 from jobs import (
     INCREMENTAL_RUN_CONFIG,
     discovery_job,
@@ -12,6 +14,7 @@ from jobs import (
     performance_stats_job,
     search_index_job,
 )
+from resources.postgres import PostgresResource
 
 
 def _default_status() -> dg.DefaultScheduleStatus:
@@ -22,20 +25,38 @@ def _default_status() -> dg.DefaultScheduleStatus:
 
 
 def build_discovery_schedule() -> dg.ScheduleDefinition:
+    reconcile_after = timedelta(minutes=settings.load().discovery_reconcile_minutes)
+
     @dg.schedule(
         name="discovery_schedule",
         cron_schedule=settings.load().conversation_discovery_cron,
         execution_timezone="UTC",
         job=discovery_job,
         default_status=_default_status(),
-        description="Incremental discovery of every crew on a cron (the periodic background job).",
+        description="On a cron, whether or not the sensor is on: probes every crew as the "
+        "sensor does and launches one incremental discovery run (in one process) only when "
+        "there is work: new rows, a due recompute of a table that lost rows, pending ids "
+        "to let go, or sessions still queued for their conversation. Skips otherwise.",
     )
-    def discovery_schedule(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
+    def discovery_schedule(
+        context: dg.ScheduleEvaluationContext, postgres: PostgresResource
+    ) -> dg.RunRequest | dg.SkipReason:
+        with postgres.connection() as conn:
+            work, problems = probe_new_work(conn, {}, reconcile_after)
+            row = conn.execute(query("conversation_queue_waiting")).fetchone()
+        queued = bool(row and row[0])
+        if not work and not problems and not queued:
+            return dg.SkipReason("nothing changed in any crew's histories; nothing is queued")
         tick = context.scheduled_execution_time.astimezone(UTC)
+        reasons = [f"{len(work)} crews with work"] if work else []
+        if problems:
+            reasons.append(f"{len(problems)} crews unreadable")  # the run records why
+        if queued:
+            reasons.append("sessions queued for their conversation")
         return dg.RunRequest(
             partition_key=tick.date().isoformat(),
             run_config=INCREMENTAL_RUN_CONFIG,
-            tags={"discovery/trigger": "schedule"},
+            tags={"discovery/trigger": "schedule", "discovery/reason": "; ".join(reasons)},
         )
 
     return discovery_schedule

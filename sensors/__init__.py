@@ -2,7 +2,9 @@
 
 import hashlib
 import json
+from collections.abc import Iterable
 from datetime import UTC, datetime, time, timedelta
+from typing import Any
 
 import dagster as dg
 
@@ -10,15 +12,21 @@ from conversation_assets import settings
 from conversation_assets.discovery import probe_new_work
 from conversation_assets.embedding import backlog_size
 from conversation_assets.enrichment import pending_dirty_periods
+from conversation_assets.inbox import has_items
 from conversation_assets.partitions import partition_keys_for
+from conversation_assets.queries import query
 from jobs import (
     INCREMENTAL_RUN_CONFIG,
     discovery_job,
     embedding_job,
+    enrichment_job,
+    inbox_drain_job,
+    messenger_sync_job,
     metrics_job,
     performance_stats_job,
 )
 from resources.postgres import PostgresResource
+from sensors.messenger import build_messenger_pages_sensor, build_messenger_sync_sensor
 
 METRICS_PERIODS_PER_TICK = 2000  # stale days and hours read per tick (the rest next tick)
 
@@ -30,6 +38,53 @@ def _default_status() -> dg.DefaultSensorStatus:
     return dg.DefaultSensorStatus.STOPPED
 
 
+_NOT_STARTED = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED]
+DISCOVERY_TRIGGERS = {"discovery/trigger": ["sensor", "schedule"]}
+
+
+def discovery_cursor(raw: str | None) -> tuple[dict[str, int], dict[str, str], str]:
+    """(ids requested per crew, state requested per crew, digest of the crews last
+    reported unreadable)."""
+    data = json.loads(raw) if raw else {}
+    if isinstance(data.get("seen"), dict):
+        seen = {k: int(v) for k, v in data["seen"].items()}
+        return seen, dict(data.get("requested", {})), str(data.get("problems", ""))
+    return {k: int(v) for k, v in data.items()}, {}, ""  # an earlier cursor: ids only
+
+
+def _digest(parts: Iterable[str]) -> str:
+    return hashlib.sha1(";".join(parts).encode()).hexdigest()
+
+
+def _runs(
+    context: dg.SensorEvaluationContext,
+    job: Any,  # a job definition (define_asset_job), by its name
+    statuses: list[dg.DagsterRunStatus],
+    tags: dict[str, list[str]] | None = None,
+) -> list[str]:
+    """Ids of the job's runs in one of ``statuses`` (at most one)."""
+    records = context.instance.get_run_records(
+        filters=dg.RunsFilter(job_name=job.name, statuses=statuses, tags=tags or {}), limit=1
+    )
+    return [record.dagster_run.run_id for record in records]
+
+
+def _span_request(keys: list[str], **request: Any) -> dg.RunRequest:
+    """One run over the span of ``keys`` (sorted partition keys): a partition run for
+    one key, a partition-range run for more (never one run per partition)."""
+    tags = dict(request.pop("tags", {}))
+    if len(keys) == 1:
+        return dg.RunRequest(partition_key=keys[0], tags=tags, **request)
+    tags.update(
+        {
+            "dagster/asset_partition_range_start": keys[0],
+            "dagster/asset_partition_range_end": keys[-1],
+            "pipeline/partitions_affected": str(len(keys)),
+        }
+    )
+    return dg.RunRequest(tags=tags, **request)
+
+
 def build_new_histories_sensor() -> dg.SensorDefinition:
     reconcile_after = timedelta(minutes=settings.load().discovery_reconcile_minutes)
 
@@ -38,39 +93,66 @@ def build_new_histories_sensor() -> dg.SensorDefinition:
         job=discovery_job,
         minimum_interval_seconds=settings.load().discovery_sensor_interval_seconds,
         default_status=_default_status(),
-        description="One primary-key probe per histories table; runs incremental "
-        "discovery for exactly the partitions whose sessions got new rows.",
+        description="One primary-key probe per histories table; when a crew got new rows "
+        "(or lost rows, when a recompute is due), launches one incremental discovery run "
+        "over the span of the affected partitions, in one process.",
     )
     def new_histories_sensor(
         context: dg.SensorEvaluationContext, postgres: PostgresResource
-    ) -> dg.SensorResult | dg.SkipReason:
-        # Cursor: the highest id already requested per crew, so rows a queued run
-        # will read are not requested again.
-        cursor: dict[str, int] = json.loads(context.cursor) if context.cursor else {}
+    ) -> dg.SensorResult:
+        # Cursor: the highest id already requested per crew (rows a queued run will
+        # read are not requested again), the state of each crew last requested (a
+        # table that lost rows, or a crew never discovered, is requested once per
+        # state: the run settles it; the schedule retries what a run could not), and a
+        # digest of the crews that could not be probed (their warning is logged when
+        # that set changes, not every tick).
+        seen, requested, logged_problems = discovery_cursor(context.cursor)
         with postgres.connection() as conn:
-            work, problems = probe_new_work(conn, cursor, reconcile_after)
-        for problem in problems:
-            context.log.warning(f"cannot probe crew {problem}")
+            work, problems = probe_new_work(conn, seen, reconcile_after)
+        problem_state = _digest(problems) if problems else ""
+        if problem_state != logged_problems:
+            for problem in problems:
+                context.log.warning(f"cannot probe crew {problem}")
+            if not problems:
+                context.log.info("every crew's histories table can be probed again")
+
+        def cursor() -> str:
+            state = {"seen": seen, "requested": requested, "problems": problem_state}
+            return json.dumps(state, sort_keys=True)
+
+        work = [item for item in work if item.fingerprint != requested.get(item.crew_code)]
+
         if not work:
-            return dg.SkipReason(f"no new rows in {len(cursor) or 'any'} crews' histories")
-        days = set().union(*(item.days for item in work))
-        fingerprint = hashlib.sha1(";".join(w.fingerprint for w in work).encode()).hexdigest()
+            return dg.SensorResult(
+                skip_reason=f"no new rows in {len(seen) or 'any'} crews' histories",
+                cursor=cursor(),
+            )
         for item in work:
-            cursor[item.crew_code] = item.max_id
+            seen[item.crew_code] = item.max_id
+            requested[item.crew_code] = item.fingerprint
+        waiting = _runs(context, discovery_job, _NOT_STARTED, DISCOVERY_TRIGGERS)
+        if waiting:
+            # That run reads every crew past its watermark when it starts.
+            return dg.SensorResult(
+                skip_reason=f"new rows in {len(work)} crews; run {waiting[0]} has not "
+                "started yet and will read them",
+                cursor=cursor(),
+            )
+        days = set().union(*(item.days for item in work))
+        fingerprint = _digest(w.fingerprint for w in work)[:16]
         # Days outside the partitions (a created_at in the future) or unknown (rows
-        # deleted): today's run still catches every crew up.
+        # deleted): today's partition; the run catches every crew up whatever its days.
         keys = partition_keys_for(days) or [datetime.now(UTC).date().isoformat()]
         return dg.SensorResult(
             run_requests=[
-                dg.RunRequest(
-                    run_key=f"{key}:{fingerprint[:16]}",
-                    partition_key=key,
+                _span_request(
+                    keys,
+                    run_key=f"{keys[0]}:{keys[-1]}:{fingerprint}",
                     run_config=INCREMENTAL_RUN_CONFIG,
                     tags={"discovery/trigger": "sensor"},
                 )
-                for key in keys
             ],
-            cursor=json.dumps(cursor, sort_keys=True),
+            cursor=cursor(),
         )
 
     return new_histories_sensor
@@ -116,8 +198,45 @@ def build_embedding_backlog_sensor() -> dg.SensorDefinition:
 embedding_backlog_sensor = build_embedding_backlog_sensor()
 
 
+def build_enrichment_queue_sensor() -> dg.SensorDefinition:
+    @dg.sensor(
+        name="enrichment_queue_sensor",
+        job=enrichment_job,
+        minimum_interval_seconds=settings.load().enrichment_sensor_interval_seconds,
+        default_status=_default_status(),
+        description="Refreshes enriched_conversations as soon as a conversation write waits "
+        "in its queue (a vector from embedding_job, the product's own UPDATE), unless a "
+        "discovery or enrichment run that will take the queue is already under way.",
+    )
+    def enrichment_queue_sensor(
+        context: dg.SensorEvaluationContext, postgres: PostgresResource
+    ) -> dg.RunRequest | dg.SkipReason:
+        with postgres.connection() as conn:
+            row = conn.execute(query("enrichment_queue_waiting")).fetchone()
+        if not (row and row[0]):
+            return dg.SkipReason("no conversation write waits for enrichment")
+        # A discovery run that has not reached its enrichment step takes the queue too.
+        for job, statuses in (
+            (enrichment_job, _ACTIVE_RUN_STATUSES),
+            (discovery_job, [*_NOT_STARTED, dg.DagsterRunStatus.STARTING]),
+        ):
+            active = _runs(context, job, statuses)
+            if active:
+                return dg.SkipReason(f"writes wait; run {active[0]} of {job.name} will take them")
+        return dg.RunRequest(
+            partition_key=datetime.now(UTC).date().isoformat(),
+            tags={"enrichment/trigger": "sensor"},
+        )
+
+    return enrichment_queue_sensor
+
+
+enrichment_queue_sensor = build_enrichment_queue_sensor()
+
+
 def build_metrics_sensor() -> dg.SensorDefinition:
     first = datetime.combine(settings.load().discovery_partitions_start, time(), UTC)
+
     @dg.sensor(
         name="metrics_sensor",
         jobs=[metrics_job, performance_stats_job],
@@ -134,7 +253,7 @@ def build_metrics_sensor() -> dg.SensorDefinition:
         this_hour = now.replace(minute=0, second=0, microsecond=0)
         with postgres.connection() as conn:
             stale = pending_dirty_periods(conn, before=now, limit=METRICS_PERIODS_PER_TICK)
-        marks: dict[str, list[tuple[datetime, int]]] = {"day": [], "hour": []}
+        marks: dict[str, list[tuple[datetime, str]]] = {"day": [], "hour": []}
         for kind, start, version in stale:
             start = start.astimezone(UTC)
             if start >= first and not (kind == "hour" and start >= this_hour):
@@ -173,3 +292,36 @@ def build_metrics_sensor() -> dg.SensorDefinition:
 
 
 metrics_sensor = build_metrics_sensor()
+
+
+def build_inbox_sensor() -> dg.SensorDefinition:
+    @dg.sensor(
+        name="inbox_sensor",
+        job=inbox_drain_job,
+        minimum_interval_seconds=settings.load().inbox_sensor_interval_seconds,
+        default_status=_default_status(),
+        description="Starts inbox_drain_job when conversations wait in the inbox and no drain "
+        "run is queued or running: at most one run per tick, none for an empty inbox.",
+    )
+    def inbox_sensor(
+        context: dg.SensorEvaluationContext, postgres: PostgresResource
+    ) -> dg.RunRequest | dg.SkipReason:
+        with postgres.connection() as conn:
+            waiting = has_items(conn)  # one index probe
+        if not waiting:
+            return dg.SkipReason("the inbox is empty")
+        active = context.instance.get_run_records(
+            filters=dg.RunsFilter(job_name=inbox_drain_job.name, statuses=_ACTIVE_RUN_STATUSES),
+            limit=1,
+        )
+        if active:
+            return dg.SkipReason("conversations wait in the inbox; a drain run is under way")
+        return dg.RunRequest(tags={"inbox/trigger": "sensor"})
+
+    return inbox_sensor
+
+
+inbox_sensor = build_inbox_sensor()
+
+messenger_pages_sensor = build_messenger_pages_sensor()
+messenger_sync_sensor = build_messenger_sync_sensor(messenger_sync_job)

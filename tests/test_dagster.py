@@ -22,44 +22,6 @@ DAY = datetime(2026, 11, 20, 9, 0, tzinfo=UTC)
 INCREMENTAL_RUN_CONFIG = {"ops": {"discovered_sessions": {"config": {"mode": "incremental"}}}}
 
 
-def test_definitions_load_with_the_expected_names():
-    from conversation_assets.definitions import defs
-
-    graph = defs.resolve_asset_graph()
-    assert sorted(key.to_user_string() for key in graph.get_all_asset_keys()) == [
-        "conversation_embeddings",
-        "conversation_metrics",
-        "conversation_search_indexes",
-        "conversations",
-        "discovered_sessions",
-        "enriched_conversations",
-        "performance_stats",
-    ]
-    assert sorted(check.name for check in graph.asset_check_keys) == [
-        "conversations_match_sessions",
-        "crews_discoverable",
-        "discovered_sessions_match_source",
-        "embedding_backlog_small",
-        "enriched_matches_conversations",
-        "totals_match_recount",
-    ]
-    assert defs.resolve_job_def("discovery_job").partitions_def is not None
-    assert defs.resolve_job_def("embedding_job").partitions_def is None
-    assert defs.resolve_job_def("metrics_job").partitions_def is not None
-    assert defs.resolve_job_def("performance_stats_job").partitions_def is not None
-    assert defs.resolve_schedule_def("discovery_schedule").cron_schedule == "*/5 * * * *"
-    assert defs.resolve_schedule_def("metrics_schedule").cron_schedule == "30 0 * * *"
-    assert defs.resolve_schedule_def("performance_stats_schedule").cron_schedule == "5 * * * *"
-    assert defs.resolve_schedule_def("search_index_schedule").cron_schedule == "15 2 * * *"
-    assert defs.resolve_job_def("search_index_job").partitions_def is None
-    assert {sensor.name for sensor in defs.sensors or []} == {
-        "new_histories_sensor",
-        "embedding_backlog_sensor",
-        "metrics_sensor",
-    }
-    assert set(defs.resources or {}) == {"postgres", "embeddings", "summarizer"}
-
-
 def _materialize(postgres, partition_key, config=None, assets=(discovered_sessions,)):
     return dg.materialize(
         list(assets),
@@ -70,10 +32,10 @@ def _materialize(postgres, partition_key, config=None, assets=(discovered_sessio
 
 
 def test_incremental_run_announces_every_partition_it_changed(conn, postgres):
-    add_crew(conn, "crew", "acme", "histories", "seed000")
-    insert(conn, "histories", "seed000", [("a", "human", DAY), ("a", "ai", DAY)])
+    add_crew(conn, "crew", "acme", "histories", "n8n_created_at")
+    insert(conn, "histories", "n8n_created_at", [("a", "human", DAY), ("a", "ai", DAY)])
     later = DAY + timedelta(days=1)
-    insert(conn, "histories", "seed000", [("b", "human", later)])
+    insert(conn, "histories", "n8n_created_at", [("b", "human", later)])
 
     result = _materialize(postgres, later.date().isoformat(), INCREMENTAL_RUN_CONFIG)
 
@@ -91,8 +53,8 @@ def test_incremental_run_announces_every_partition_it_changed(conn, postgres):
 
 
 def test_a_partition_run_recomputes_that_day_exactly(conn, postgres):
-    add_crew(conn, "crew", "acme", "histories", "seed000")
-    insert(conn, "histories", "seed000", [("a", "human", DAY), ("gone", "human", DAY)])
+    add_crew(conn, "crew", "acme", "histories", "n8n_created_at")
+    insert(conn, "histories", "n8n_created_at", [("a", "human", DAY), ("gone", "human", DAY)])
     assert _materialize(postgres, DAY.date().isoformat()).success
     conn.execute("DELETE FROM histories WHERE session_id = 'gone'")
 
@@ -119,8 +81,8 @@ def test_run_fails_only_when_every_crew_fails(conn, postgres):
 
 
 def test_checks_pass_on_exact_data_and_fail_on_a_difference(conn, postgres):
-    add_crew(conn, "crew", "acme", "histories", "seed000")
-    insert(conn, "histories", "seed000", [(f"s{i % 7}", "human", DAY) for i in range(30)])
+    add_crew(conn, "crew", "acme", "histories", "n8n_created_at")
+    insert(conn, "histories", "n8n_created_at", [(f"s{i % 7}", "human", DAY) for i in range(30)])
     assert _materialize(postgres, DAY.date().isoformat(), INCREMENTAL_RUN_CONFIG).success
     assert discovered_sessions_match_source(postgres=postgres).passed
     assert crews_discoverable(postgres=postgres).passed
@@ -139,43 +101,57 @@ def test_checks_pass_on_exact_data_and_fail_on_a_difference(conn, postgres):
     assert not crews.passed and "no_such_table" in crews.metadata["crew_errors"].value["broken"]
 
 
-def test_sensor_requests_exactly_the_affected_partitions(conn, postgres):
-    add_crew(conn, "crew", "acme", "histories", "seed000")
+# The shape with a varchar session id and an indexed created_at.
+TIMED = "n8n_created_at"
+
+
+def _sensor_context(postgres, cursor=None):
+    return dg.build_sensor_context(
+        cursor=cursor, resources={"postgres": postgres}, instance=dg.DagsterInstance.ephemeral()
+    )
+
+
+def test_sensor_requests_one_run_over_the_affected_partitions(conn, postgres):
+    # Changed by design (issue 15): one run per tick over the span of the affected
+    # days (a partition-range run), no longer one run per day.
+    add_crew(conn, "crew", "acme", "histories", TIMED)
     add_crew(conn, "quiet", "beta", "quiet_histories", "n8n")
     sensor = build_new_histories_sensor()
-    with dg.build_sensor_context(resources={"postgres": postgres}) as context:
+    with _sensor_context(postgres) as context:
         first = sensor(context)  # crews never discovered: one run sets their baseline
     today = datetime.now(UTC).date().isoformat()
     assert [r.partition_key for r in first.run_requests] == [today]
     _materialize(postgres, today, INCREMENTAL_RUN_CONFIG)
-    with dg.build_sensor_context(resources={"postgres": postgres}) as context:
-        assert isinstance(sensor(context), dg.SkipReason)
+    with _sensor_context(postgres) as context:
+        assert not sensor(context).run_requests
 
     later = DAY + timedelta(days=3)
-    insert(conn, "histories", "seed000", [("a", "human", DAY), ("b", "human", later)])
-    with dg.build_sensor_context(resources={"postgres": postgres}) as context:
+    insert(conn, "histories", TIMED, [("a", "human", DAY), ("b", "human", later)])
+    with _sensor_context(postgres) as context:
         result = sensor(context)
-    keys = sorted(r.partition_key for r in result.run_requests)
-    assert keys == [DAY.date().isoformat(), later.date().isoformat()]
-    assert len({r.run_key for r in result.run_requests}) == 2
-    assert all(
-        r.run_config["ops"]["discovered_sessions"]["config"]["mode"] == "incremental"
-        for r in result.run_requests
-    )
-    assert json.loads(result.cursor) == {"crew": 2}
+    [request] = result.run_requests
+    assert request.partition_key is None
+    assert request.tags["dagster/asset_partition_range_start"] == DAY.date().isoformat()
+    assert request.tags["dagster/asset_partition_range_end"] == later.date().isoformat()
+    assert request.run_config["ops"]["discovered_sessions"]["config"]["mode"] == "incremental"
+    assert json.loads(result.cursor)["seen"] == {"crew": 2}
 
     # The same rows are not requested twice while their run is queued.
-    with dg.build_sensor_context(cursor=result.cursor, resources={"postgres": postgres}) as ctx:
-        assert isinstance(sensor(ctx), dg.SkipReason)
+    with _sensor_context(postgres, cursor=result.cursor) as ctx:
+        assert not sensor(ctx).run_requests
 
 
-def test_schedule_requests_an_incremental_run_for_the_tick_day(monkeypatch):
+def test_schedule_requests_an_incremental_run_for_the_tick_day(conn, postgres, monkeypatch):
     monkeypatch.setenv("CONVERSATION_DISCOVERY_CRON", "*/2 * * * *")
+    add_crew(conn, "crew", "acme", "histories", "n8n")
+    insert(conn, "histories", "n8n", [("a", "human")])
     schedule = build_discovery_schedule()
     assert schedule.cron_schedule == "*/2 * * * *"
     assert schedule.default_status == dg.DefaultScheduleStatus.RUNNING
     tick = datetime(2026, 11, 23, 23, 58, tzinfo=UTC)
-    with dg.build_schedule_context(scheduled_execution_time=tick) as context:
+    with dg.build_schedule_context(
+        scheduled_execution_time=tick, resources={"postgres": postgres}
+    ) as context:
         request = schedule(context)
     assert request.partition_key == "2026-11-23"
     assert request.run_config["ops"]["discovered_sessions"]["config"]["mode"] == "incremental"
@@ -187,12 +163,12 @@ def test_sensor_requests_a_run_when_rows_were_only_deleted(conn, postgres, monke
     insert(conn, "histories", "n8n", [("a", "human"), ("b", "human")])
     _materialize(postgres, DAY.date().isoformat(), INCREMENTAL_RUN_CONFIG)
     sensor = build_new_histories_sensor()
-    with dg.build_sensor_context(resources={"postgres": postgres}) as context:
-        assert isinstance(sensor(context), dg.SkipReason)
+    with _sensor_context(postgres) as context:
+        assert not sensor(context).run_requests
 
     conn.execute("DELETE FROM histories WHERE session_id = 'a'")  # n8n clear()
     conn.execute("SELECT pg_stat_force_next_flush()")
-    with dg.build_sensor_context(resources={"postgres": postgres}) as context:
+    with _sensor_context(postgres) as context:
         result = sensor(context)
     today = datetime.now(UTC).date().isoformat()
     assert [r.partition_key for r in result.run_requests] == [today]

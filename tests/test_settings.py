@@ -31,6 +31,8 @@ VALUES: dict[str, tuple[list[str], str | None]] = {
     "SEARCH_INDEX_CRON": (["15 2 * * *", "@daily"], "61 * * * *"),
     "ENABLE_BACKGROUND_JOBS": (["true", "false", "1", "0", "yes", "off"], "maybe"),
     "METRICS_SENSOR_INTERVAL_SECONDS": (["60", "1"], "0"),
+    "DISCOVERY_CREW_FAILURE_RUNS": (["3", "1"], "0"),
+    "ENRICHMENT_SENSOR_INTERVAL_SECONDS": (["5", "60"], "0"),
     "DISCOVERY_SENSOR_INTERVAL_SECONDS": (["30", "5"], "-3"),
     "DISCOVERY_PARTITIONS_START": (["2025-01-01", "2020-02-29"], "2025-13-01"),
     "DISCOVERY_RECONCILE_MINUTES": (["15", "0"], "soon"),
@@ -52,6 +54,32 @@ VALUES: dict[str, tuple[list[str], str | None]] = {
     "SUMMARIZER_BASE_URL": (["http://127.0.0.1:11434"], "ftp://models"),
     "SUMMARIZER_API_KEY": (["sk-456"], None),
     "DAGSTER_PG_URL": (["postgresql+psycopg2://u@h/dagster"], "postgresql://h/dagster"),
+    "MESSENGER_GRAPH_URL": (
+        ["https://graph.facebook.com/v23.0", "http://127.0.0.1:8765/v23.0"],
+        "graph.facebook.com",
+    ),
+    "MESSENGER_PAGE_TOKENS": (['{"104200000000001": "EAAB"}'], '["not", "an object"]'),
+    "MESSENGER_PAGE_TOKENS_FILE": (["/run/secrets/pages.json"], None),
+    "MESSENGER_APP_SECRET": (["abc123"], None),
+    "MESSENGER_TIMEOUT_SECONDS": (["30"], "0"),
+    "MESSENGER_USAGE_THRESHOLD_PERCENT": (["75", "100"], "101"),
+    "MESSENGER_MAX_THROTTLE_WAIT_SECONDS": (["900", "0"], "-1"),
+    "MESSENGER_OVERLAP_SECONDS": (["300", "0"], "-5"),
+    "MESSENGER_RECONCILE_HOURS": (["24", "0"], "daily"),
+    "MESSENGER_SENSOR_INTERVAL_SECONDS": (["60"], "0"),
+    "INBOX_MAX_PENDING": (["100000", "1"], "0"),
+    "INBOX_BATCH_SIZE": (["1000"], "0"),
+    "INBOX_MAX_ATTEMPTS": (["5", "1"], "0"),
+    "INBOX_SENSOR_INTERVAL_SECONDS": (["5"], "0"),
+    "METRICS_SERVER_HOST": (["127.0.0.1", "0.0.0.0"], None),
+    "METRICS_SERVER_PORT": (["9464", "1"], "70000"),
+    "INBOX_AGE_WARNING_SECONDS": (["60"], "0"),
+    "INBOX_AGE_CRITICAL_SECONDS": (["300"], "-1"),
+    "INBOX_DEPTH_WARNING": (["10000"], "0"),
+    "INBOX_DEPTH_CRITICAL": (["50000"], "many"),
+    "ENQUEUE_P99_WARNING_MS": (["5", "2.5"], "0"),
+    "ENQUEUE_P99_CRITICAL_MS": (["50"], "-1"),
+    "ALERT_WEBHOOK_URL": (["https://hooks.slack.com/services/T/B/X"], None),
 }
 
 
@@ -84,7 +112,8 @@ def test_a_bad_value_fails_naming_the_variable_the_value_and_what_is_allowed(
     with pytest.raises(settings.SettingError) as error:
         settings.load()
     message = str(error.value)
-    assert message.startswith(f"{name}={value!r}: ")
+    shown = "(hidden)" if name in settings.SECRETS else repr(value)  # a secret is never shown
+    assert message.startswith(f"{name}={shown}: ")
     if name.endswith("_BACKEND"):
         allowed = {"EMBEDDING_BACKEND": "'local', 'ollama' or 'openai'"}
         assert allowed.get(name, "'extractive', 'ollama' or 'openai'") in message
@@ -148,7 +177,7 @@ def test_the_code_location_loads_with_every_variable_set():
     for env in (explicit_defaults, production):
         loaded = _load_definitions(env)
         assert loaded.returncode == 0, loaded.stderr[-2000:]
-        assert "['embeddings', 'postgres', 'summarizer']" in loaded.stdout
+        assert "['embeddings', 'messenger', 'postgres', 'summarizer']" in loaded.stdout
 
     refused = _load_definitions({"EMBEDDING_BACKEND": "openia"})
     assert refused.returncode != 0
@@ -236,6 +265,6 @@ def _discover_one_session(defs: dg.Definitions, conn: psycopg.Connection) -> Non
 
 def test_readme_documents_every_setting_with_its_default():
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    rows = re.findall(r"^\| `([A-Z_]+)` \| ([^|]+) \| ([^|]+) \|$", readme, flags=re.MULTILINE)
+    rows = re.findall(r"^\| `([A-Z0-9_]+)` \| ([^|]+) \| ([^|]+) \|$", readme, flags=re.MULTILINE)
     table = {name: (default.strip(), meaning.strip()) for name, default, meaning in rows}
     assert table == settings.documented()
