@@ -438,35 +438,6 @@ def metrics_vs_recount(conn: psycopg.Connection, window: Window) -> RecountRepor
     return RecountReport(mismatches=row[0], conversations=row[1], examples=row[2])
 
 
-def record_pipeline_run(
-    pool: ConnectionPool,
-    *,
-    run_id: str,
-    asset: str,
-    partition_key: str | None,
-    duration_ms: float,
-    rows_scanned: int | None = None,
-    items: int | None = None,
-    batches: int | None = None,
-    model_ms: float | None = None,
-) -> None:
-    """What a materialization did, for ``performance_stats`` (one row per run and asset)."""
-    with pool.connection() as conn:
-        conn.execute(
-            query("record_pipeline_run"),
-            {
-                "run_id": run_id,
-                "asset": asset,
-                "partition_key": partition_key,
-                "duration_ms": duration_ms,
-                "rows_scanned": rows_scanned,
-                "items": items,
-                "batches": batches,
-                "model_ms": model_ms,
-            },
-        )
-
-
 def pending_dirty_periods(
     conn: psycopg.Connection, before: datetime, limit: int = 500
 ) -> list[tuple[str, datetime, str]]:

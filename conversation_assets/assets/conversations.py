@@ -8,7 +8,6 @@ from pydantic import Field
 
 from conversation_assets.assets.discovery import discovered_sessions
 from conversation_assets.conversations import BuildReport, build_conversations
-from conversation_assets.enrichment import record_pipeline_run
 from conversation_assets.partition_figures import (
     database_now,
     figures_by_day,
@@ -20,6 +19,7 @@ from conversation_assets.partitions import (
     partition_keys_for,
 )
 from conversation_assets.queries import query
+from conversation_assets.runs import record_pipeline_run
 from resources.postgres import PostgresResource
 from resources.summarizer import SummarizerResource
 

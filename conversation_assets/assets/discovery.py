@@ -17,7 +17,6 @@ from conversation_assets.discovery import (
     load_crews,
     recount_sessions,
 )
-from conversation_assets.enrichment import record_pipeline_run
 from conversation_assets.partition_figures import (
     database_now,
     figures_by_day,
@@ -29,6 +28,7 @@ from conversation_assets.partitions import (
     partition_keys_for,
 )
 from conversation_assets.queries import query
+from conversation_assets.runs import record_pipeline_run
 from resources.postgres import PostgresResource
 
 RECOUNT_SAMPLE_PER_CREW = 25

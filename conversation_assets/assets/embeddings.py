@@ -7,7 +7,7 @@ from pydantic import Field
 
 from conversation_assets.assets.conversations import conversations
 from conversation_assets.embedding import EmbedReport, backlog_size, embed_backlog
-from conversation_assets.enrichment import record_pipeline_run
+from conversation_assets.runs import record_pipeline_run
 from resources.embeddings import EmbeddingResource
 from resources.postgres import PostgresResource
 

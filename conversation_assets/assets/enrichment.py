@@ -11,7 +11,6 @@ from conversation_assets.enrichment import (
     EXCERPT_CHARS,
     enrich,
     metrics_vs_recount,
-    record_pipeline_run,
     refresh_metrics,
     refresh_performance,
 )
@@ -27,6 +26,7 @@ from conversation_assets.partitions import (
     partition_keys_for,
 )
 from conversation_assets.queries import query
+from conversation_assets.runs import record_pipeline_run
 from resources.postgres import PostgresResource
 
 warnings.filterwarnings("ignore", message="Parameter `backfill_policy`", category=dg.BetaWarning)
@@ -196,6 +196,14 @@ def conversation_metrics(
         context.log.error(
             f"{recount.mismatches} metrics rows differ from a recount: {recount.examples[:3]}"
         )
+    record_pipeline_run(
+        postgres.pool,
+        run_id=context.run.run_id,
+        asset="conversation_metrics",
+        partition_key=context.partition_key_range.start,
+        duration_ms=replaced.seconds * 1000,
+        items=replaced.rows,
+    )
     per_day = None
     if len(context.partition_keys) > 1:
         per_day = figures_by_day(postgres.pool, "metrics_by_day", (window.start, window.end), since)
@@ -236,6 +244,14 @@ def performance_stats(
     embedding time). A refresh replaces exactly its hours."""
     window = context.partition_time_window
     replaced = refresh_performance(postgres.pool, (window.start, window.end))
+    record_pipeline_run(
+        postgres.pool,
+        run_id=context.run.run_id,
+        asset="performance_stats",
+        partition_key=context.partition_key_range.start,
+        duration_ms=replaced.seconds * 1000,
+        items=replaced.rows,
+    )
     return dg.MaterializeResult(
         metadata={"hours": replaced.rows, "duration_ms": round(replaced.seconds * 1000, 1)}
     )

@@ -6,8 +6,8 @@ import dagster as dg
 from pydantic import Field
 
 from conversation_assets import monitoring, settings
-from conversation_assets.enrichment import record_pipeline_run
 from conversation_assets.inbox import DrainReport, drain, oldest_age
+from conversation_assets.runs import record_pipeline_run
 from resources.embeddings import EmbeddingResource
 from resources.postgres import PostgresResource
 

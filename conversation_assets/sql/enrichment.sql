@@ -395,16 +395,6 @@ SELECT (SELECT count(*) FROM missing AS m
        ARRAY(SELECT m.id::text FROM missing AS m LIMIT 5),
        ARRAY(SELECT o.id::text FROM orphaned AS o LIMIT 5);
 
--- name: record_pipeline_run
-INSERT INTO pipeline_runs AS p (
-    run_id, asset, partition_key, duration_ms, rows_scanned, items, batches, model_ms)
-VALUES (%(run_id)s, %(asset)s, %(partition_key)s, %(duration_ms)s, %(rows_scanned)s,
-        %(items)s, %(batches)s, %(model_ms)s)
-ON CONFLICT (run_id, asset) DO UPDATE
-SET partition_key = EXCLUDED.partition_key, finished_at = now(),
-    duration_ms = EXCLUDED.duration_ms, rows_scanned = EXCLUDED.rows_scanned,
-    items = EXCLUDED.items, batches = EXCLUDED.batches, model_ms = EXCLUDED.model_ms;
-
 -- name: delete_performance_hours
 DELETE FROM performance_stats WHERE hour >= %(window_start)s AND hour < %(window_end)s;
 
