@@ -26,19 +26,12 @@ from jobs import (
     performance_stats_job,
 )
 from resources.postgres import PostgresResource
+from sensors.common import ACTIVE, NOT_STARTED, default_status, runs
 from sensors.messenger import build_messenger_pages_sensor, build_messenger_sync_sensor
 
 METRICS_PERIODS_PER_TICK = 2000  # stale days and hours read per tick (the rest next tick)
 
 
-def _default_status() -> dg.DefaultSensorStatus:
-    """ENABLE_BACKGROUND_JOBS decides whether sensors start running."""
-    if settings.load().enable_background_jobs:
-        return dg.DefaultSensorStatus.RUNNING
-    return dg.DefaultSensorStatus.STOPPED
-
-
-_NOT_STARTED = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED]
 DISCOVERY_TRIGGERS = {"discovery/trigger": ["sensor", "schedule"]}
 
 
@@ -54,19 +47,6 @@ def discovery_cursor(raw: str | None) -> tuple[dict[str, int], dict[str, str], s
 
 def _digest(parts: Iterable[str]) -> str:
     return hashlib.sha1(";".join(parts).encode()).hexdigest()
-
-
-def _runs(
-    context: dg.SensorEvaluationContext,
-    job: Any,  # a job definition (define_asset_job), by its name
-    statuses: list[dg.DagsterRunStatus],
-    tags: dict[str, list[str]] | None = None,
-) -> list[str]:
-    """Ids of the job's runs in one of ``statuses`` (at most one)."""
-    records = context.instance.get_run_records(
-        filters=dg.RunsFilter(job_name=job.name, statuses=statuses, tags=tags or {}), limit=1
-    )
-    return [record.dagster_run.run_id for record in records]
 
 
 def _span_request(keys: list[str], **request: Any) -> dg.RunRequest:
@@ -92,7 +72,7 @@ def build_new_histories_sensor() -> dg.SensorDefinition:
         name="new_histories_sensor",
         job=discovery_job,
         minimum_interval_seconds=settings.load().discovery_sensor_interval_seconds,
-        default_status=_default_status(),
+        default_status=default_status(),
         description="One primary-key probe per histories table; when a crew got new rows "
         "(or lost rows, when a recompute is due), launches one incremental discovery run "
         "over the span of the affected partitions, in one process.",
@@ -130,7 +110,7 @@ def build_new_histories_sensor() -> dg.SensorDefinition:
         for item in work:
             seen[item.crew_code] = item.max_id
             requested[item.crew_code] = item.fingerprint
-        waiting = _runs(context, discovery_job, _NOT_STARTED, DISCOVERY_TRIGGERS)
+        waiting = runs(context, discovery_job, NOT_STARTED, DISCOVERY_TRIGGERS)
         if waiting:
             # That run reads every crew past its watermark when it starts.
             return dg.SensorResult(
@@ -160,20 +140,13 @@ def build_new_histories_sensor() -> dg.SensorDefinition:
 
 new_histories_sensor = build_new_histories_sensor()
 
-_ACTIVE_RUN_STATUSES = [
-    dg.DagsterRunStatus.QUEUED,
-    dg.DagsterRunStatus.NOT_STARTED,
-    dg.DagsterRunStatus.STARTING,
-    dg.DagsterRunStatus.STARTED,
-]
-
 
 def build_embedding_backlog_sensor() -> dg.SensorDefinition:
     @dg.sensor(
         name="embedding_backlog_sensor",
         job=embedding_job,
         minimum_interval_seconds=settings.load().embedding_sensor_interval_seconds,
-        default_status=_default_status(),
+        default_status=default_status(),
         description="Starts embedding_job when conversations wait for a vector and no "
         "embedding run is queued or running (one drain at a time).",
     )
@@ -184,11 +157,7 @@ def build_embedding_backlog_sensor() -> dg.SensorDefinition:
             waiting = backlog_size(conn)
         if not waiting:
             return dg.SkipReason("no conversation waits for a vector")
-        active = context.instance.get_run_records(
-            filters=dg.RunsFilter(job_name=embedding_job.name, statuses=_ACTIVE_RUN_STATUSES),
-            limit=1,
-        )
-        if active:
+        if runs(context, embedding_job, ACTIVE):
             return dg.SkipReason(f"{waiting} waiting; an embedding run is already under way")
         return dg.RunRequest(tags={"embedding/backlog": str(waiting)})
 
@@ -203,7 +172,7 @@ def build_enrichment_queue_sensor() -> dg.SensorDefinition:
         name="enrichment_queue_sensor",
         job=enrichment_job,
         minimum_interval_seconds=settings.load().enrichment_sensor_interval_seconds,
-        default_status=_default_status(),
+        default_status=default_status(),
         description="Refreshes enriched_conversations as soon as a conversation write waits "
         "in its queue (a vector from embedding_job, the product's own UPDATE), unless a "
         "discovery or enrichment run that will take the queue is already under way.",
@@ -217,10 +186,10 @@ def build_enrichment_queue_sensor() -> dg.SensorDefinition:
             return dg.SkipReason("no conversation write waits for enrichment")
         # A discovery run that has not reached its enrichment step takes the queue too.
         for job, statuses in (
-            (enrichment_job, _ACTIVE_RUN_STATUSES),
-            (discovery_job, [*_NOT_STARTED, dg.DagsterRunStatus.STARTING]),
+            (enrichment_job, ACTIVE),
+            (discovery_job, [*NOT_STARTED, dg.DagsterRunStatus.STARTING]),
         ):
-            active = _runs(context, job, statuses)
+            active = runs(context, job, statuses)
             if active:
                 return dg.SkipReason(f"writes wait; run {active[0]} of {job.name} will take them")
         return dg.RunRequest(
@@ -241,7 +210,7 @@ def build_metrics_sensor() -> dg.SensorDefinition:
         name="metrics_sensor",
         jobs=[metrics_job, performance_stats_job],
         minimum_interval_seconds=settings.load().metrics_sensor_interval_seconds,
-        default_status=_default_status(),
+        default_status=default_status(),
         description="Refreshes the days of conversation_metrics and the past hours of "
         "performance_stats whose enriched rows changed (marked in the same transaction): "
         "one run over their span for each.",
@@ -299,7 +268,7 @@ def build_inbox_sensor() -> dg.SensorDefinition:
         name="inbox_sensor",
         job=inbox_drain_job,
         minimum_interval_seconds=settings.load().inbox_sensor_interval_seconds,
-        default_status=_default_status(),
+        default_status=default_status(),
         description="Starts inbox_drain_job when conversations wait in the inbox and no drain "
         "run is queued or running: at most one run per tick, none for an empty inbox.",
     )
@@ -310,11 +279,7 @@ def build_inbox_sensor() -> dg.SensorDefinition:
             waiting = has_items(conn)  # one index probe
         if not waiting:
             return dg.SkipReason("the inbox is empty")
-        active = context.instance.get_run_records(
-            filters=dg.RunsFilter(job_name=inbox_drain_job.name, statuses=_ACTIVE_RUN_STATUSES),
-            limit=1,
-        )
-        if active:
+        if runs(context, inbox_drain_job, ACTIVE):
             return dg.SkipReason("conversations wait in the inbox; a drain run is under way")
         return dg.RunRequest(tags={"inbox/trigger": "sensor"})
 

@@ -22,27 +22,14 @@ from conversation_assets.messenger_api import GraphApiError, scrub
 from conversation_assets.queries import query
 from resources.messenger import MessengerResource, MessengerTokenError
 from resources.postgres import PostgresResource
-
-_ACTIVE = [
-    dg.DagsterRunStatus.QUEUED,
-    dg.DagsterRunStatus.NOT_STARTED,
-    dg.DagsterRunStatus.STARTING,
-    dg.DagsterRunStatus.STARTED,
-]
-
-
-def _default_status() -> dg.DefaultSensorStatus:
-    """ENABLE_BACKGROUND_JOBS decides whether sensors start running."""
-    if settings.load().enable_background_jobs:
-        return dg.DefaultSensorStatus.RUNNING
-    return dg.DefaultSensorStatus.STOPPED
+from sensors.common import ACTIVE, default_status, runs
 
 
 def build_messenger_pages_sensor() -> dg.SensorDefinition:
     @dg.sensor(
         name="messenger_pages_sensor",
         minimum_interval_seconds=settings.load().messenger_sensor_interval_seconds,
-        default_status=_default_status(),
+        default_status=default_status(),
         description="Keeps the `messenger_pages` partitions in step with the messenger_pages "
         "table: a registered page gets its partition, a removed one loses it (its rows stay).",
     )
@@ -73,7 +60,7 @@ def build_messenger_sync_sensor(job: Any) -> dg.SensorDefinition:
         name="messenger_sync_sensor",
         job=job,
         minimum_interval_seconds=settings.load().messenger_sensor_interval_seconds,
-        default_status=_default_status(),
+        default_status=default_status(),
         description="Probes each enabled page with one light Graph API call and requests "
         "one incremental run covering every page with new or changed threads (or due for "
         "its periodic full sync); none while a sync runs or for a page told to wait.",
@@ -83,10 +70,7 @@ def build_messenger_sync_sensor(job: Any) -> dg.SensorDefinition:
         postgres: PostgresResource,
         messenger: MessengerResource,
     ) -> dg.RunRequest | dg.SkipReason:
-        active = context.instance.get_run_records(
-            filters=dg.RunsFilter(job_name=job.name, statuses=_ACTIVE), limit=1
-        )
-        if active:
+        if runs(context, job, ACTIVE):
             return dg.SkipReason("a Messenger sync is under way")
         partitions = context.instance.get_dynamic_partitions(messenger_pages_partitions.name)
         try:
