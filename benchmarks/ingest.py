@@ -117,8 +117,7 @@ def _writer_process(
 
 
 def _store_synchronously(conn: psycopg.Connection, embedder: EmbeddingResource, i: int) -> None:
-    """The "before": the drain's work for one conversation, inside the request (the
-    in-memory queue's document measured 200-250 ms for it with a remote model)."""
+    """The "before": the drain's work for one conversation, inside the request."""
     item = InboxItem(
         0, CLIENT, f"before-{i}", f"u-{i % 997}", "web", transcript(i), None, {"order": i}, None
     )
@@ -186,7 +185,7 @@ def main() -> None:
         "--pace-ms",
         type=float,
         default=1000.0,
-        help="Paced: ms between a writer's calls (1000: 100 writers make the document's 100/s).",
+        help="Paced: ms between a writer's calls (1000: 100 writers make 100 calls/s).",
     )
     parser.add_argument(
         "--drain", type=int, default=20_000, help="Backlog the two-worker drain stores."
