@@ -9,7 +9,7 @@ the local socket, each calling `inbox.queue_conversation_storage` in a closed lo
 (the next call as soon as one returns: the heaviest load W writers can make), then
 paced (one call every `--pace-ms` per writer: a chat app handing off conversations as
 they end). Uses an embedded PostgreSQL in the system temp dir, or ``DATABASE_URL``.
-Figures: benchmarks/ingest.md.
+Figures: benchmarks/README.md ("Push ingestion").
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ through the write path of `store.py` (`prepare`, then `write_prepared`), exactly
 is checked and encoded while the one before it is written, and, given a pool, two
 connections (lanes) write at once, so that a second backend can use a second core.
 Nothing process-wide is touched (no garbage-collector or socket switches): every
-speed-up here is the loader's own (benchmarks/store-rewrite.md says what each is
-worth over TCP).
+speed-up here is the loader's own (benchmarks/README.md, "The write path without
+process-wide switches", says what each is worth over TCP).
 """
 
 from __future__ import annotations
