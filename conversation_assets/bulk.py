@@ -2,9 +2,9 @@
 
 For applications loading more than one batch's worth at once. Each batch goes
 through the write path of `store.py` (`prepare`, then `write_prepared`), exactly as
-`upsert_conversations` sends it; the loader only overlaps the two halves: a batch
-is checked and encoded while the one before it is written, and, given a pool, two
-connections (lanes) write at once, so that a second backend can use a second core.
+`upsert_conversations` sends it; given a pool, the loader writes on two connections
+(lanes) at once, each lane's next batch checked and encoded by the caller's thread
+while the lanes write, so that a second backend can use a second core.
 Nothing process-wide is touched (no garbage-collector or socket switches): every
 speed-up here is the loader's own (benchmarks/README.md, "The write path without
 process-wide switches", says what each is worth over TCP).
@@ -49,9 +49,9 @@ def upsert_conversations_in_batches(
 ) -> UpsertReport:
     """A bulk load: one transaction per batch of at most `batch_size` records.
 
-    Given a connection, batches are written one after another while a thread checks
-    and encodes the next one. Given a pool, `workers` connections write at once (a
-    second backend is what lets a bulk load use a second core). Records are routed
+    Given a connection, batches are written one after another. Given a pool,
+    `workers` connections write at once (a second backend is what lets a bulk load
+    use a second core). Records are routed
     by session, so every record of one session goes through the same connection in
     input order: the last one wins, as on one connection, and no two transactions
     ever wait on the same row. Batches commit independently. If one fails, nothing
@@ -71,21 +71,13 @@ def upsert_conversations_in_batches(
 def _upsert_serial(
     conn: psycopg.Connection, records: Iterable[ConversationRecord], batch_size: int, source: str
 ) -> UpsertReport:
-    """One connection: the next batch is encoded in a thread while this one is written."""
+    """One connection: batches checked, encoded and written one after another. Encoding
+    the next batch in a thread meanwhile did not pay over TCP (benchmarks/README.md)."""
     report = UpsertReport()
+    encoder = Encoder(conn)
     remaining = iter(records)
-    chunks = iter(lambda: list(itertools.islice(remaining, batch_size)), [])
-    encoder = Encoder(conn)  # its first batch is encoded before the first write
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="upsert-prepare") as worker:
-        pending = None
-        first = next(chunks, None)
-        if first is not None:
-            pending = worker.submit(prepare, encoder, first)
-        while pending is not None:
-            batch = pending.result()
-            following = next(chunks, None)
-            pending = worker.submit(prepare, encoder, following) if following is not None else None
-            report.add(write_prepared(conn, batch, source))
+    for chunk in iter(lambda: list(itertools.islice(remaining, batch_size)), []):
+        report.add(write_prepared(conn, prepare(encoder, chunk), source))
     return report
 
 
