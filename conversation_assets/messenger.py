@@ -29,7 +29,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
@@ -39,6 +39,7 @@ from psycopg_pool import ConnectionPool
 
 from conversation_assets import locks
 from conversation_assets.messenger_api import (
+    ApiStats,
     GraphApiError,
     GraphClient,
     MalformedResponse,
@@ -318,8 +319,10 @@ def parse_message(page: Page, thread: ThreadRow, raw: Any) -> EventRow | RejectR
 # --- one page's sync ----------------------------------------------------------------
 
 
-@dataclass
-class PageOutcome:
+@dataclass(kw_only=True)
+class PageOutcome(ApiStats):
+    """One page's sync: what it wrote, and (from ApiStats) what its calls cost."""
+
     page_id: str
     client_code: str
     mode: Mode
@@ -334,21 +337,10 @@ class PageOutcome:
     messages_deleted: int = 0
     rejects: int = 0
     api_pages: int = 0
-    calls: int = 0
-    list_calls: int = 0
-    message_calls: int = 0
-    node_calls: int = 0
-    retries: int = 0
-    throttle_waits: int = 0
-    throttle_seconds: float = 0.0
-    slowdown_waits: int = 0
-    slowdown_seconds: float = 0.0
-    usage_percent: float = 0.0
     watermark_before: datetime | None = None
     watermark_after: datetime | None = None
     resume_after: datetime | None = None
     seconds: float = 0.0
-    api_seconds: float = 0.0
     db_seconds: float = 0.0
 
     def metadata(self) -> dict[str, Any]:
@@ -432,7 +424,9 @@ class PageSync:
         full = options.mode == "full" or page.watermark is None
         self.full = full
         self.outcome = PageOutcome(
-            page.page_id, page.client_code, "full" if full else "incremental"
+            page_id=page.page_id,
+            client_code=page.client_code,
+            mode="full" if full else "incremental",
         )
         self.outcome.watermark_before = page.watermark
         self.top: datetime | None = None
@@ -858,20 +852,8 @@ class PageSync:
     def _finish(self, started: float) -> None:
         out, stats = self.outcome, self.client.stats
         out.threads_listed = len(self.seen)
-        for name in (
-            "calls",
-            "list_calls",
-            "message_calls",
-            "node_calls",
-            "retries",
-            "throttle_waits",
-            "throttle_seconds",
-            "slowdown_waits",
-            "slowdown_seconds",
-            "usage_percent",
-            "api_seconds",
-        ):
-            setattr(out, name, getattr(stats, name))
+        for counter in fields(ApiStats):
+            setattr(out, counter.name, getattr(stats, counter.name))
         out.seconds = time.perf_counter() - started
         if out.watermark_after is None:
             out.watermark_after = out.watermark_before

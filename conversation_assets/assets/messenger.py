@@ -208,7 +208,9 @@ def messenger_sync(
 
 
 def _skipped(page_id: str, why: str, client_code: str = "", status: str = "skipped") -> PageOutcome:
-    outcome = PageOutcome(page_id, client_code, "incremental", status=status, error=why)
+    outcome = PageOutcome(
+        page_id=page_id, client_code=client_code, mode="incremental", status=status, error=why
+    )
     return outcome
 
 
