@@ -26,7 +26,7 @@ from jobs import (
     performance_stats_job,
 )
 from resources.postgres import PostgresResource
-from sensors.common import ACTIVE, NOT_STARTED, default_status, runs
+from sensors.common import ACTIVE, NOT_STARTED, backlog_sensor, default_status, runs
 from sensors.messenger import build_messenger_pages_sensor, build_messenger_sync_sensor
 
 METRICS_PERIODS_PER_TICK = 2000  # stale days and hours read per tick (the rest next tick)
@@ -142,26 +142,17 @@ new_histories_sensor = build_new_histories_sensor()
 
 
 def build_embedding_backlog_sensor() -> dg.SensorDefinition:
-    @dg.sensor(
+    return backlog_sensor(
         name="embedding_backlog_sensor",
         job=embedding_job,
-        minimum_interval_seconds=settings.load().embedding_sensor_interval_seconds,
-        default_status=default_status(),
+        interval_seconds=settings.load().embedding_sensor_interval_seconds,
         description="Starts embedding_job when conversations wait for a vector and no "
         "embedding run is queued or running (one drain at a time).",
+        waiting=backlog_size,
+        idle="no conversation waits for a vector",
+        busy=lambda n: f"{n} waiting; an embedding run is already under way",
+        tags=lambda n: {"embedding/backlog": str(n)},
     )
-    def embedding_backlog_sensor(
-        context: dg.SensorEvaluationContext, postgres: PostgresResource
-    ) -> dg.RunRequest | dg.SkipReason:
-        with postgres.connection() as conn:
-            waiting = backlog_size(conn)
-        if not waiting:
-            return dg.SkipReason("no conversation waits for a vector")
-        if runs(context, embedding_job, ACTIVE):
-            return dg.SkipReason(f"{waiting} waiting; an embedding run is already under way")
-        return dg.RunRequest(tags={"embedding/backlog": str(waiting)})
-
-    return embedding_backlog_sensor
 
 
 embedding_backlog_sensor = build_embedding_backlog_sensor()
@@ -264,26 +255,17 @@ metrics_sensor = build_metrics_sensor()
 
 
 def build_inbox_sensor() -> dg.SensorDefinition:
-    @dg.sensor(
+    return backlog_sensor(
         name="inbox_sensor",
         job=inbox_drain_job,
-        minimum_interval_seconds=settings.load().inbox_sensor_interval_seconds,
-        default_status=default_status(),
+        interval_seconds=settings.load().inbox_sensor_interval_seconds,
         description="Starts inbox_drain_job when conversations wait in the inbox and no drain "
         "run is queued or running: at most one run per tick, none for an empty inbox.",
+        waiting=has_items,  # one index probe
+        idle="the inbox is empty",
+        busy=lambda _n: "conversations wait in the inbox; a drain run is under way",
+        tags=lambda _n: {"inbox/trigger": "sensor"},
     )
-    def inbox_sensor(
-        context: dg.SensorEvaluationContext, postgres: PostgresResource
-    ) -> dg.RunRequest | dg.SkipReason:
-        with postgres.connection() as conn:
-            waiting = has_items(conn)  # one index probe
-        if not waiting:
-            return dg.SkipReason("the inbox is empty")
-        if runs(context, inbox_drain_job, ACTIVE):
-            return dg.SkipReason("conversations wait in the inbox; a drain run is under way")
-        return dg.RunRequest(tags={"inbox/trigger": "sensor"})
-
-    return inbox_sensor
 
 
 inbox_sensor = build_inbox_sensor()
