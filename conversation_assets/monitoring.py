@@ -233,14 +233,12 @@ def metric_families(figures: Snapshot) -> Iterator[Metric]:
         ),
     ):
         yield CounterMetricFamily(f"{PREFIX}_{name}", doc, value)
-    backlog = GaugeMetricFamily(
-        f"{PREFIX}_queue_backlog",
+    yield _labelled_gauge(
+        "queue_backlog",
         "Items waiting in each of the pipeline's queues.",
-        labels=["queue"],
+        "queue",
+        figures.backlogs,
     )
-    for queue_name, items in sorted(figures.backlogs.items()):
-        backlog.add_metric([queue_name], items)
-    yield backlog
     latency = HistogramMetricFamily(
         f"{PREFIX}_operation_duration_seconds",
         "How long each operation took: enqueue (the caller's round trip), drain batch, "
@@ -250,25 +248,29 @@ def metric_families(figures: Snapshot) -> Iterator[Metric]:
     for operation, histogram in sorted(figures.latency.items()):
         latency.add_metric([operation], histogram.cumulative(), histogram.total_seconds)
     yield latency
-    success = GaugeMetricFamily(
-        f"{PREFIX}_asset_last_success_timestamp_seconds",
+    yield _labelled_gauge(
+        "asset_last_success_timestamp_seconds",
         "Unix time of each asset's last successful materialization.",
-        labels=["asset"],
+        "asset",
+        figures.last_success,
     )
-    for asset, at in sorted(figures.last_success.items()):
-        success.add_metric([asset], at)
-    yield success
-    connections = GaugeMetricFamily(
-        f"{PREFIX}_db_connections",
+    yield _labelled_gauge(
+        "db_connections",
         "The pipeline's connections to the database (all its processes' pools), by state.",
-        labels=["state"],
+        "state",
+        {state.replace(" ", "_"): count for state, count in figures.connections.items()},
     )
-    for state, count in sorted(figures.connections.items()):
-        connections.add_metric([state.replace(" ", "_")], count)
-    yield connections
     yield GaugeMetricFamily(
         f"{PREFIX}_db_max_connections", "The server's max_connections.", figures.max_connections
     )
+
+
+def _labelled_gauge(name: str, doc: str, label: str, values: dict[str, float]) -> GaugeMetricFamily:
+    """One gauge family with a sample per label value, in label order."""
+    family = GaugeMetricFamily(f"{PREFIX}_{name}", doc, labels=[label])
+    for key, value in sorted(values.items()):
+        family.add_metric([key], value)
+    return family
 
 
 def registry(pool: ConnectionPool, application_name: str) -> CollectorRegistry:
