@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
+import random
 import statistics
 import threading
 import time
@@ -72,39 +73,45 @@ def percentiles(samples: Sequence[float]) -> dict[str, float]:
 
 
 def _writer_process(
-    url: str, threads: int, calls: int, first: int, pace_ms: float, out: Any, before: bool
+    url: str, threads: int, calls: int, first: int, pace_ms: float, out: Any, way: str
 ) -> None:
-    """`threads` writers, one connection each; their latencies (ms) go to `out`."""
+    """`threads` writers, one connection each; their latencies (ms) go to `out`.
+
+    Each connection makes one untimed call first, as an app's pooled connection has
+    (a new backend's first call also loads its caches and compiles the function).
+    Paced writers start at a random point of their period and keep to a schedule, so
+    they do not all call at the same instant."""
     latencies: list[list[float]] = [[] for _ in range(threads)]
     ready = threading.Barrier(threads + 1)
     embedder = EmbeddingResource()
-    if before:
+    if way == "before":
         embedder.embed(["warm up"])
 
+    def call(conn: psycopg.Connection, i: int) -> None:
+        if way == "before":
+            _store_synchronously(conn, embedder, i)
+        elif way == "floor":
+            conn.execute(_BARE_INSERT, (f"floor-{i}", f"u-{i % 997}", transcript(i)))
+        else:
+            inbox.queue_conversation_storage(
+                conn, f"u-{i % 997}", "web", transcript(i), None, {"order": i}, client_code=CLIENT
+            )
+
     def write(n: int) -> None:
+        period = pace_ms / 1000
         with psycopg.connect(url, autocommit=True) as conn:
-            if before:
+            if way == "before":
                 register_vector(conn)
+            call(conn, -1 - first - n)  # the warm-up call, not timed
             ready.wait()
+            due = time.perf_counter() + random.Random(first + n).uniform(0, period)
             for k in range(calls):
-                i = first + n * calls + k
+                if period:
+                    time.sleep(max(0.0, due - time.perf_counter()))
+                    due += period
                 start = time.perf_counter()
-                if before:
-                    _store_synchronously(conn, embedder, i)
-                else:
-                    inbox.queue_conversation_storage(
-                        conn,
-                        f"u-{i % 997}",
-                        "web",
-                        transcript(i),
-                        None,
-                        {"order": i},
-                        client_code=CLIENT,
-                    )
-                took = time.perf_counter() - start
-                latencies[n].append(took * 1000)
-                if pace_ms:
-                    time.sleep(max(0.0, pace_ms / 1000 - took))
+                call(conn, first + n * calls + k)
+                latencies[n].append((time.perf_counter() - start) * 1000)
 
     workers = [threading.Thread(target=write, args=(n,)) for n in range(threads)]
     for worker in workers:
@@ -114,6 +121,16 @@ def _writer_process(
     for worker in workers:
         worker.join()
     out.put((time.perf_counter() - started, [x for lane in latencies for x in lane]))
+
+
+_BARE_TABLE = """CREATE TABLE bare_inbox (
+    seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    id uuid NOT NULL UNIQUE DEFAULT gen_random_uuid(),
+    session_id text NOT NULL, user_id text NOT NULL, full_conversation text NOT NULL,
+    metadata jsonb NOT NULL, enqueued_at timestamptz NOT NULL DEFAULT now())"""
+# The floor: the same row, one plain INSERT into a table without checks or function.
+_BARE_INSERT = """INSERT INTO bare_inbox (session_id, user_id, full_conversation, metadata)
+VALUES (%s, %s, %s, '{}')"""
 
 
 def _store_synchronously(conn: psycopg.Connection, embedder: EmbeddingResource, i: int) -> None:
@@ -140,7 +157,7 @@ def run_writers(
     first: int,
     processes: int,
     pace_ms: float,
-    before: bool = False,
+    way: str = "enqueue",
 ) -> dict[str, float]:
     """W writers spread over up to `processes` processes; latency percentiles (ms) and
     calls per second."""
@@ -152,7 +169,7 @@ def run_writers(
     offset = first
     for share in shares:
         child = context.Process(
-            target=_writer_process, args=(url, share, calls, offset, pace_ms, out, before)
+            target=_writer_process, args=(url, share, calls, offset, pace_ms, out, way)
         )
         child.start()
         children.append(child)
@@ -166,6 +183,31 @@ def run_writers(
     figures["per_second"] = len(samples) / seconds
     figures["calls"] = len(samples)
     return figures
+
+
+def _vector_floor(conn: psycopg.Connection, count: int, batch_size: int) -> str:
+    """The drain's floor: the vectors it just stored, inserted again (nothing else) into a
+    bare table under the same HNSW index, `batch_size` rows a transaction."""
+    conn.execute(
+        "CREATE TABLE bare_vectors AS SELECT id, embedding FROM conversations "
+        "WHERE embedding IS NOT NULL ORDER BY created_at DESC LIMIT %s",
+        (count,),
+    )
+    conn.execute("CREATE TABLE bare_indexed (LIKE bare_vectors)")
+    conn.execute("CREATE INDEX ON bare_indexed USING hnsw (embedding vector_cosine_ops)")
+    ids = [row[0] for row in conn.execute("SELECT id FROM bare_vectors ORDER BY id")]
+    started = time.perf_counter()
+    for start in range(0, len(ids), batch_size):
+        with conn.transaction():
+            conn.execute(
+                "INSERT INTO bare_indexed SELECT * FROM bare_vectors WHERE id = ANY(%s)",
+                (ids[start : start + batch_size],),
+            )
+    seconds = time.perf_counter() - started
+    return (
+        f"floor: the same {len(ids):,} vectors into a bare table under the same HNSW index: "
+        f"{seconds:.2f} s = {len(ids) / seconds:,.0f}/s"
+    )
 
 
 def _line(label: str, figures: dict[str, float]) -> str:
@@ -206,22 +248,47 @@ def main() -> None:
             print(server_settings(conn))
             conn.execute("INSERT INTO inbox_clients (client_code) VALUES (%s)", (CLIENT,))
             inbox.set_max_pending(conn, 10_000_000)
+            conn.execute(_BARE_TABLE)
         first = 0
-
-        print("\nenqueue (queue_conversation_storage: one INSERT, durable on return)")
-        for mode, pace in (("closed loop", 0.0), (f"paced {args.pace_ms:g} ms", args.pace_ms)):
-            for writers in writer_counts:
-                figures = run_writers(url, writers, args.calls, first, args.processes, pace)
-                first += writers * args.calls
-                print(_line(f"{writers:>3} writers, {mode}", figures), flush=True)
+        modes = (("closed loop", 0.0), (f"paced {args.pace_ms:g} ms", args.pace_ms))
+        enqueue: dict[tuple[str, int], dict[str, float]] = {}  # closed loop
+        paced: dict[tuple[str, int], dict[str, float]] = {}
+        for way, title in (
+            ("enqueue", "enqueue (queue_conversation_storage: checks, one INSERT, durable)"),
+            ("floor", "the floor: the same row, one plain INSERT into a bare table, durable"),
+        ):
+            print(f"\n{title}")
+            for mode, pace in modes:
+                for writers in writer_counts:
+                    figures = run_writers(
+                        url, writers, args.calls, first, args.processes, pace, way
+                    )
+                    first += writers * args.calls
+                    (paced if pace else enqueue)[way, writers] = figures
+                    print(_line(f"{writers:>3} writers, {mode}", figures), flush=True)
 
         print("\nbefore: store and embed inside the request (same work, same data)")
         before_figures = {}
-        for writers in (1, 10) if args.before else ():
-            figures = run_writers(url, writers, args.before, first, args.processes, 0.0, True)
-            first += writers * args.before
+        before_runs = ((1, 0.0, args.before), (10, 0.0, args.before), (100, args.pace_ms, 30))
+        for writers, pace, calls in before_runs if args.before else ():
+            figures = run_writers(url, writers, calls, first, args.processes, pace, "before")
+            first += writers * calls
             before_figures[writers] = figures
-            print(_line(f"{writers:>3} writers, closed loop", figures), flush=True)
+            mode = f"paced {pace:g} ms" if pace else "closed loop"
+            print(_line(f"{writers:>3} writers, {mode}", figures), flush=True)
+        if 100 in before_figures and ("enqueue", 100) in paced:
+            then, now = before_figures[100], paced["enqueue", 100]
+            print(
+                f"  the app's path, 100 writers paced: p50 {then['p50'] / now['p50']:.1f}x less, "
+                f"p99 {then['p99'] / now['p99']:.1f}x less than before"
+            )
+        if 1 in before_figures and ("enqueue", 1) in enqueue:
+            ours, floor = enqueue["enqueue", 1]["p50"], enqueue["floor", 1]["p50"]
+            print(
+                f"  the app's path, one writer, p50: before {before_figures[1]['p50']:.3f} ms, "
+                f"enqueue {ours:.3f} ms ({before_figures[1]['p50'] / ours:.1f}x less), "
+                f"floor {floor:.3f} ms ({before_figures[1]['p50'] / floor:.1f}x less)"
+            )
 
         resource = PostgresResource(database_url=url, pool_max_size=4)
         embedder = EmbeddingResource()
@@ -236,6 +303,8 @@ def main() -> None:
                 f"{report.per_second:,.0f}/s ({report.batches} batches of {args.batch_size}; "
                 f"model {report.embed_seconds:.2f} s, {report.texts_sent:,} texts)"
             )
+            with resource.connection() as conn:
+                print(f"  {_vector_floor(conn, report.stored, args.batch_size)}")
             # A second backlog, drained by one drain with two workers (two connections,
             # disjoint items through SKIP LOCKED).
             extra = args.drain
