@@ -4,14 +4,14 @@ Dagster gives every partition of a range run the metadata the asset returns. Fig
 of the run as a whole (rows scanned, batches, durations) are the run's, so they go
 under ``run_totals`` for every partition, and each partition adds what is its own:
 its rows as they stand after the run and how many of them the run wrote, counted in
-the output table by the partition's day (timestamps at or after ``since``, the
-database's clock when the run began).
+the output table by the partition's day or hour (timestamps at or after ``since``,
+the database's clock when the run began).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import date, datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 import dagster as dg
@@ -28,40 +28,49 @@ def database_now(pool: ConnectionPool) -> datetime:
     return row[0]
 
 
-def figures_by_day(
-    pool: ConnectionPool, block: str, window: tuple[datetime, datetime], since: datetime
+def figures_by_partition(
+    context: dg.AssetExecutionContext, pool: ConnectionPool, block: str, since: datetime | None
 ) -> dict[str, dict[str, int]]:
-    """``block`` of sql/automation.sql per day of ``window`` (days without rows: zeros)."""
+    """``block`` of sql/automation.sql for each partition of the run (partitions without
+    rows: zeros). Its first column is the partition's start: a day, or an hour."""
+    window = context.partition_time_window
     with pool.connection() as conn:
-        cursor = conn.execute(query(block), {"start": window[0], "end": window[1], "since": since})
+        cursor = conn.execute(
+            query(block), {"start": window.start, "end": window.end, "since": since}
+        )
         names = [column.name for column in cursor.description or []][1:]
         found = {row[0]: row[1:] for row in cursor.fetchall()}
-    days: dict[str, dict[str, int]] = {}
-    day: date = window[0].date()
-    while day < window[1].date():  # a daily window: midnight to midnight (UTC)
-        values = found.get(day, (0,) * len(names))
-        days[day.isoformat()] = {n: int(v) for n, v in zip(names, values, strict=True)}
-        day += timedelta(days=1)
-    return days
+    partitions_def = context.assets_def.partitions_def
+    assert isinstance(partitions_def, dg.TimeWindowPartitionsDefinition)
+    figures: dict[str, dict[str, int]] = {}
+    for key in context.partition_keys:
+        start = partitions_def.time_window_for_partition_key(key).start
+        values = found.get(start, found.get(start.date(), (0,) * len(names)))
+        figures[key] = {n: int(v) for n, v in zip(names, values, strict=True)}
+    return figures
 
 
 def split_for_partitions(
     context: dg.AssetExecutionContext,
     metadata: Mapping[str, Any],
     run_figures: list[str],
-    per_day: Mapping[str, Mapping[str, int]] | None,
+    *,
+    pool: ConnectionPool,
+    block: str,
+    since: datetime | None = None,
 ) -> dict[str, Any]:
     """The metadata to return. One partition: ``metadata`` as is. Several: the run's own
-    figures (``run_figures``) move into ``run_totals``, and each partition gets its
-    day's figures from ``per_day``."""
+    figures (``run_figures``) move into ``run_totals``, and each partition gets its own
+    figures from ``block`` (see figures_by_partition)."""
     keys = list(context.partition_keys) if context.has_partition_key_range else []
-    if len(keys) <= 1 or per_day is None:
+    if len(keys) <= 1:
         return dict(metadata)
+    per_partition = figures_by_partition(context, pool, block, since)
     shared = {k: v for k, v in metadata.items() if k not in run_figures}
     shared["run_totals"] = dg.MetadataValue.json(
         {k: metadata[k] for k in run_figures if k in metadata}
     )
     shared["run_partitions"] = len(keys)
     for key in keys:
-        context.add_asset_metadata(dict(per_day.get(key, {})), partition_key=key)
+        context.add_asset_metadata(per_partition[key], partition_key=key)
     return shared

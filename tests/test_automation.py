@@ -10,7 +10,7 @@ import pytest
 
 from conversation_assets.assets.conversations import conversations
 from conversation_assets.assets.discovery import crews_discoverable, discovered_sessions
-from conversation_assets.assets.enrichment import enriched_conversations
+from conversation_assets.assets.enrichment import enriched_conversations, performance_stats
 from conversation_assets.definitions import defs
 from conversation_assets.embedding import column_dimension
 from jobs import LANE_TAG, discovery_job
@@ -347,6 +347,39 @@ def test_a_two_day_range_run_gives_each_partition_its_own_figures(conn, postgres
     enriched = by_partition(enriched_conversations)
     assert enriched["2026-11-02"]["enriched_rows"].value == 2
     assert enriched["2026-11-03"]["enriched_rows"].value == 1
+
+
+def test_a_two_hour_range_run_gives_each_hour_its_own_performance_figures(conn, postgres):
+    add_crew(conn, "crew", "acme", "histories", TIMED)
+    later = DAY + timedelta(hours=1, minutes=5)
+    insert(
+        conn,
+        "histories",
+        TIMED,
+        [("a", "human", DAY), ("a", "ai", DAY), ("b", "human", later), ("c", "human", later)],
+    )
+    built = _run(
+        postgres,
+        key=DAY.date().isoformat(),
+        assets=(discovered_sessions, conversations, enriched_conversations),
+    )
+    assert built.success
+    result = _run(
+        postgres, span=("2026-11-02-09:00", "2026-11-02-10:00"), assets=[performance_stats]
+    )
+    assert result.success
+    hours = {
+        event.event_specific_data.materialization.partition: (
+            event.event_specific_data.materialization.metadata
+        )
+        for event in result.get_asset_materialization_events()
+    }
+    assert set(hours) == {"2026-11-02-09:00", "2026-11-02-10:00"}
+    nine, ten = hours["2026-11-02-09:00"], hours["2026-11-02-10:00"]
+    assert (nine["conversations"].value, nine["messages"].value) == (1, 2)
+    assert (ten["conversations"].value, ten["messages"].value) == (2, 2)
+    assert nine["run_totals"].value["hours"] == 2  # the run's own figure, labelled so
+    assert "hours" not in nine
 
 
 def test_every_job_says_which_executor_it_uses():

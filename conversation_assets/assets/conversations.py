@@ -10,7 +10,6 @@ from conversation_assets.assets.discovery import discovered_sessions
 from conversation_assets.conversations import BuildReport, build_conversations
 from conversation_assets.partition_figures import (
     database_now,
-    figures_by_day,
     split_for_partitions,
 )
 from conversation_assets.partitions import (
@@ -144,13 +143,15 @@ def conversations(
     )
     metadata = _build_metadata(report)
     metadata["summarizer"] = summarizer.name
-    per_day = None
-    if len(context.partition_keys) > 1:
-        per_day = figures_by_day(
-            postgres.pool, "conversations_by_day", (window.start, window.end), since
-        )
     return dg.MaterializeResult(
-        metadata=split_for_partitions(context, metadata, RUN_FIGURES, per_day)
+        metadata=split_for_partitions(
+            context,
+            metadata,
+            RUN_FIGURES,
+            pool=postgres.pool,
+            block="conversations_by_day",
+            since=since,
+        )
     )
 
 

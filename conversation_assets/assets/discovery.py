@@ -19,7 +19,6 @@ from conversation_assets.discovery import (
 )
 from conversation_assets.partition_figures import (
     database_now,
-    figures_by_day,
     split_for_partitions,
 )
 from conversation_assets.partitions import (
@@ -164,14 +163,14 @@ def discovered_sessions(
         rows_scanned=report.total("rows_scanned"),
         items=sum(report.total(f"sessions_{kind}") for kind in ("new", "updated", "deleted")),
     )
-    per_day = None
-    if len(context.partition_keys) > 1:
-        per_day = figures_by_day(
-            postgres.pool, "discovered_sessions_by_day", (window.start, window.end), since
-        )
     return dg.MaterializeResult(
         metadata=split_for_partitions(
-            context, {"mode": config.mode, **metadata}, RUN_FIGURES, per_day
+            context,
+            {"mode": config.mode, **metadata},
+            RUN_FIGURES,
+            pool=postgres.pool,
+            block="discovered_sessions_by_day",
+            since=since,
         )
     )
 

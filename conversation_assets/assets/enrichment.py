@@ -16,7 +16,6 @@ from conversation_assets.enrichment import (
 )
 from conversation_assets.partition_figures import (
     database_now,
-    figures_by_day,
     split_for_partitions,
 )
 from conversation_assets.partitions import (
@@ -115,11 +114,6 @@ def enriched_conversations(
         items=report.written + report.removed,
         batches=report.batches,
     )
-    per_day = None
-    if len(context.partition_keys) > 1:
-        per_day = figures_by_day(
-            postgres.pool, "enriched_by_day", (window.start, window.end), since
-        )
     return dg.MaterializeResult(
         metadata=split_for_partitions(
             context,
@@ -140,7 +134,9 @@ def enriched_conversations(
                 "duration_ms": round(report.seconds * 1000, 1),
             },
             ENRICHED_RUN_FIGURES,
-            per_day,
+            pool=postgres.pool,
+            block="enriched_by_day",
+            since=since,
         )
     )
 
@@ -204,15 +200,14 @@ def conversation_metrics(
         duration_ms=replaced.seconds * 1000,
         items=replaced.rows,
     )
-    per_day = None
-    if len(context.partition_keys) > 1:
-        per_day = figures_by_day(postgres.pool, "metrics_by_day", (window.start, window.end), since)
     return dg.MaterializeResult(
         metadata=split_for_partitions(
             context,
             {"rows": replaced.rows, "duration_ms": round(replaced.seconds * 1000, 1)},
             ["rows", "duration_ms"],
-            per_day,
+            pool=postgres.pool,
+            block="metrics_by_day",
+            since=since,
         ),
         check_results=[
             dg.AssetCheckResult(
@@ -253,5 +248,11 @@ def performance_stats(
         items=replaced.rows,
     )
     return dg.MaterializeResult(
-        metadata={"hours": replaced.rows, "duration_ms": round(replaced.seconds * 1000, 1)}
+        metadata=split_for_partitions(
+            context,
+            {"hours": replaced.rows, "duration_ms": round(replaced.seconds * 1000, 1)},
+            ["hours", "duration_ms"],
+            pool=postgres.pool,
+            block="performance_by_hour",
+        )
     )

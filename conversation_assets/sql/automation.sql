@@ -52,3 +52,10 @@ SELECT m.day, count(*) AS rows, coalesce(sum(m.conversations), 0) AS conversatio
 FROM conversation_metrics AS m
 WHERE m.day >= %(start)s::date AND m.day < %(end)s::date
 GROUP BY 1;
+
+-- name: performance_by_hour
+-- Each hour's own figures (a refresh rewrites every hour of its window).
+SELECT p.hour, p.conversations, p.messages, p.discovery_runs, p.rows_scanned,
+       p.conversations_built, p.embedded, p.enriched
+FROM performance_stats AS p
+WHERE p.hour >= %(start)s AND p.hour < %(end)s;
