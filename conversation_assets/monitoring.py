@@ -30,6 +30,7 @@ from prometheus_client.registry import Collector
 from psycopg_pool import ConnectionPool
 
 from conversation_assets import settings
+from conversation_assets.discovery import CrewSourceError, load_crews, probe_crew
 from conversation_assets.queries import query
 
 PREFIX = "conversation_pipeline"
@@ -103,6 +104,8 @@ class Snapshot:
     last_success: dict[str, float]
     connections: dict[str, int]
     max_connections: int
+    discovery_crews_behind: int = 0
+    discovery_crews_unreadable: int = 0
 
     @property
     def inbox_enqueued_total(self) -> int:
@@ -140,6 +143,7 @@ def snapshot(conn: psycopg.Connection, application_name: str) -> Snapshot:
             }
     finally:
         conn.isolation_level = None
+    behind, unreadable = discovery_lag(conn)
     depth, oldest, stored, rejected, max_pending, refused = inbox_row
     max_connections = connections.pop("max_connections", 0)
     return Snapshot(
@@ -155,7 +159,25 @@ def snapshot(conn: psycopg.Connection, application_name: str) -> Snapshot:
         last_success=last_success,
         connections=connections,
         max_connections=max_connections,
+        discovery_crews_behind=behind,
+        discovery_crews_unreadable=unreadable,
     )
+
+
+def discovery_lag(conn: psycopg.Connection) -> tuple[int, int]:
+    """Crews whose histories hold rows discovery has not read yet, and crews whose
+    table cannot be probed: the sensor's probe (a few index lookups per crew).
+
+    Unlike the time of the last discovery run, this stays quiet while nothing changes
+    (an idle pipeline launches no run) and rises when discovery falls behind."""
+    behind = unreadable = 0
+    for crew in load_crews(conn):
+        try:
+            if probe_crew(conn, crew).has_rows_past(crew.high_water_id):
+                behind += 1
+        except (CrewSourceError, psycopg.Error):
+            unreadable += 1
+    return behind, unreadable
 
 
 class PipelineCollector(Collector):
@@ -248,6 +270,16 @@ def metric_families(figures: Snapshot) -> Iterator[Metric]:
     for operation, histogram in sorted(figures.latency.items()):
         latency.add_metric([operation], histogram.cumulative(), histogram.total_seconds)
     yield latency
+    yield GaugeMetricFamily(
+        f"{PREFIX}_discovery_crews_behind",
+        "Crews whose histories table holds rows discovery has not read yet.",
+        figures.discovery_crews_behind,
+    )
+    yield GaugeMetricFamily(
+        f"{PREFIX}_discovery_crews_unreadable",
+        "Crews whose histories table cannot be probed (missing, renamed, no permission).",
+        figures.discovery_crews_unreadable,
+    )
     yield _labelled_gauge(
         "asset_last_success_timestamp_seconds",
         "Unix time of each asset's last successful materialization.",

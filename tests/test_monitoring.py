@@ -23,8 +23,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from psycopg_pool import ConnectionPool
 
 from conversation_assets import cli, inbox, monitoring, settings
+from conversation_assets.discovery import discover
 from conversation_assets.inbox import queue_conversation_storage
 from resources.embeddings import EmbeddingResource
+from tests.sources import add_crew, insert
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCAL = EmbeddingResource()
@@ -117,6 +119,23 @@ def test_metrics_endpoint_serves_every_family_from_the_database(conn, db_url, po
     assert _value(families[prefix + "db_connections"], state="idle") >= 1
     assert _value(families[prefix + "db_max_connections"]) >= 1
     assert _value(families[prefix + "scrape_error"]) == 0
+
+
+def test_discovery_lag_rises_with_unread_rows_and_stays_quiet_when_idle(conn, postgres):
+    add_crew(conn, "crew", "acme", "histories", "n8n")
+    assert monitoring.discovery_lag(conn) == (0, 0)  # nothing to read: idle, not behind
+    insert(conn, "histories", "n8n", [("s1", "human"), ("s1", "ai")])
+    assert monitoring.discovery_lag(conn) == (1, 0)
+    discover(postgres.pool)
+    assert monitoring.discovery_lag(conn) == (0, 0)
+    conn.execute(
+        "INSERT INTO crews (crew_code, client_code, histories_table) VALUES ('gone', 'b', 'nope')"
+    )
+    assert monitoring.discovery_lag(conn) == (0, 1)
+    figures = monitoring.snapshot(conn, "test")
+    families = {f.name: f for f in monitoring.metric_families(figures)}
+    assert _value(families["conversation_pipeline_discovery_crews_behind"]) == 0
+    assert _value(families["conversation_pipeline_discovery_crews_unreadable"]) == 1
 
 
 def test_a_scrape_without_the_database_reports_the_error():
@@ -270,6 +289,8 @@ def _exported_names() -> set[str]:
             "inbox_max_pending",
             "queue_backlog",
             "asset_last_success_timestamp_seconds",
+            "discovery_crews_behind",
+            "discovery_crews_unreadable",
             "db_connections",
             "db_max_connections",
             "scrape_error",
