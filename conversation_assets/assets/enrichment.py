@@ -1,7 +1,8 @@
 """``enriched_conversations``, ``conversation_metrics`` and ``performance_stats``."""
 
 import warnings
-from typing import Literal
+from datetime import datetime
+from typing import Any, Literal
 
 import dagster as dg
 from pydantic import Field
@@ -9,6 +10,7 @@ from pydantic import Field
 from conversation_assets.assets.conversations import conversations
 from conversation_assets.enrichment import (
     EXCERPT_CHARS,
+    ReplaceReport,
     enrich,
     metrics_vs_recount,
     refresh_metrics,
@@ -192,22 +194,9 @@ def conversation_metrics(
         context.log.error(
             f"{recount.mismatches} metrics rows differ from a recount: {recount.examples[:3]}"
         )
-    record_pipeline_run(
-        postgres.pool,
-        run_id=context.run.run_id,
-        asset="conversation_metrics",
-        partition_key=context.partition_key_range.start,
-        duration_ms=replaced.seconds * 1000,
-        items=replaced.rows,
-    )
     return dg.MaterializeResult(
-        metadata=split_for_partitions(
-            context,
-            {"rows": replaced.rows, "duration_ms": round(replaced.seconds * 1000, 1)},
-            ["rows", "duration_ms"],
-            pool=postgres.pool,
-            block="metrics_by_day",
-            since=since,
+        metadata=_replaced(
+            context, postgres, "conversation_metrics", replaced, "rows", "metrics_by_day", since
         ),
         check_results=[
             dg.AssetCheckResult(
@@ -239,20 +228,37 @@ def performance_stats(
     embedding time). A refresh replaces exactly its hours."""
     window = context.partition_time_window
     replaced = refresh_performance(postgres.pool, (window.start, window.end))
+    return dg.MaterializeResult(
+        metadata=_replaced(
+            context, postgres, "performance_stats", replaced, "hours", "performance_by_hour"
+        )
+    )
+
+
+def _replaced(
+    context: dg.AssetExecutionContext,
+    postgres: PostgresResource,
+    asset: str,
+    replaced: ReplaceReport,
+    unit: str,
+    block: str,
+    since: datetime | None = None,
+) -> dict[str, Any]:
+    """A table refreshed by replacing its periods: the run recorded, and its metadata
+    (`unit`: what a row is), split per partition in a range run."""
     record_pipeline_run(
         postgres.pool,
         run_id=context.run.run_id,
-        asset="performance_stats",
+        asset=asset,
         partition_key=context.partition_key_range.start,
         duration_ms=replaced.seconds * 1000,
         items=replaced.rows,
     )
-    return dg.MaterializeResult(
-        metadata=split_for_partitions(
-            context,
-            {"hours": replaced.rows, "duration_ms": round(replaced.seconds * 1000, 1)},
-            ["hours", "duration_ms"],
-            pool=postgres.pool,
-            block="performance_by_hour",
-        )
+    return split_for_partitions(
+        context,
+        {unit: replaced.rows, "duration_ms": round(replaced.seconds * 1000, 1)},
+        [unit, "duration_ms"],
+        pool=postgres.pool,
+        block=block,
+        since=since,
     )
