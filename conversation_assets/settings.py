@@ -274,6 +274,14 @@ class Settings(BaseSettings):
         "runs as a full sync (threads and messages gone at the source marked deleted); `0`: "
         "never.",
     )
+    messenger_page_concurrency: int = Field(
+        default=3,
+        ge=1,
+        le=32,
+        description="Pages one `messenger_sync` run syncs at once (each has its own cursor, "
+        "pacing and writers; every page's calls count against the app's usage, which each "
+        "page's pacing reads).",
+    )
     messenger_sensor_interval_seconds: Seconds = Field(
         default=60,
         description="How often `messenger_sync_sensor` probes each enabled page (one light "

@@ -148,6 +148,31 @@ def test_a_run_covering_pages_syncs_each_and_an_invalid_token_fails_only_its_pag
         assert token not in text
 
 
+def test_a_run_covering_pages_syncs_them_side_by_side(conn, postgres, sim, instance):
+    register(conn, instance)
+    sim.latency = 1.0  # each call answers a second after it came in
+    span = {
+        "dagster/asset_partition_range_start": ACME,
+        "dagster/asset_partition_range_end": INITECH,
+    }
+
+    result = materialize(postgres, sim, instance, None, tags=span)
+
+    assert result.success
+    first_call = {}
+    for request in sim.requests:
+        first_call.setdefault(request["path"].split("/")[-2], request["at"])
+    assert set(first_call) == {ACME, GLOBEX, INITECH}
+    # Every page asked before any answer came back: the pages did not wait for each other.
+    assert max(first_call.values()) - min(first_call.values()) < sim.latency
+    synced = dict(
+        conn.execute("SELECT page_id, count(*) FROM messenger_conversations GROUP BY 1").fetchall()
+    )
+    assert synced == {ACME: 6, GLOBEX: 6, INITECH: 6}
+    (materialization, *_) = result.asset_materializations_for_node("messenger_sync")
+    assert list(materialization.metadata["pages"].value) == [ACME, GLOBEX, INITECH]
+
+
 def test_tokens_never_reach_logs_or_metadata_even_in_urls(conn, postgres, sim, instance, caplog):
     register(conn, instance)
     caplog.set_level(logging.DEBUG)

@@ -66,6 +66,7 @@ VALUES: dict[str, tuple[list[str], str | None]] = {
     "MESSENGER_MAX_THROTTLE_WAIT_SECONDS": (["900", "0"], "-1"),
     "MESSENGER_OVERLAP_SECONDS": (["300", "0"], "-5"),
     "MESSENGER_RECONCILE_HOURS": (["24", "0"], "daily"),
+    "MESSENGER_PAGE_CONCURRENCY": (["3", "1", "32"], "0"),
     "MESSENGER_SENSOR_INTERVAL_SECONDS": (["60"], "0"),
     "INBOX_MAX_PENDING": (["100000", "1"], "0"),
     "INBOX_BATCH_SIZE": (["1000"], "0"),

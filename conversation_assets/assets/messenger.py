@@ -3,6 +3,7 @@ as conversations. Partitioned by page (dynamic partitions mirroring
 `messenger_pages`), so the UI syncs or backfills one page, some, or all."""
 
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
@@ -58,6 +59,12 @@ class MessengerSyncConfig(dg.Config):
         "full (MESSENGER_RECONCILE_HOURS); 0: never.",
     )
     page_size: int = Field(default=100, ge=1, le=100, description="Threads per API call.")
+    page_concurrency: int = Field(
+        default_factory=lambda: settings.load().messenger_page_concurrency,
+        ge=1,
+        le=32,
+        description="Pages synced at once (MESSENGER_PAGE_CONCURRENCY).",
+    )
     nested_messages: int = Field(
         default=25,
         ge=1,
@@ -139,15 +146,17 @@ def messenger_sync(
     with postgres.connection() as conn:
         pages = {p.page_id: p for p in load_pages(conn, wanted)}
         now = database_now(conn)
-    outcomes: list[PageOutcome] = []
-    for page_id in wanted:
+    secrets = tuple(tokens.values()) + ((messenger.app_secret,) if messenger.app_secret else ())
+
+    def say(message: str) -> None:
+        context.log.info(scrub(message, secrets))
+
+    def sync_one(page_id: str) -> PageOutcome:
         page = pages.get(page_id)
         if page is None:
-            outcomes.append(_skipped(page_id, "not in messenger_pages"))
-            continue
+            return _skipped(page_id, "not in messenger_pages")
         if not page.enabled:
-            outcomes.append(_skipped(page_id, "disabled in messenger_pages", page.client_code))
-            continue
+            return _skipped(page_id, "disabled in messenger_pages", page.client_code)
         token = tokens.get(page_id)
         if token is None:
             message = (
@@ -155,8 +164,7 @@ def messenger_sync(
                 "MESSENGER_PAGE_TOKENS_FILE)"
             )
             context.log.error(message)
-            outcomes.append(_skipped(page_id, message, page.client_code, status="failed"))
-            continue
+            return _skipped(page_id, message, page.client_code, status="failed")
         mode = config.mode
         reconcile = timedelta(hours=config.reconcile_hours)
         if (
@@ -164,7 +172,7 @@ def messenger_sync(
             and config.reconcile_hours
             and page_due_for_reconcile(page, reconcile, now)
         ):
-            context.log.info(f"page {page_id}: not fully synced for {reconcile}: full sync")
+            say(f"page {page_id}: not fully synced for {reconcile}: full sync")
             mode = "full"
         options = SyncOptions(
             mode=mode,
@@ -172,16 +180,19 @@ def messenger_sync(
             page_size=config.page_size,
             nested_messages=config.nested_messages,
         )
-        secrets = tuple(tokens.values()) + ((messenger.app_secret,) if messenger.app_secret else ())
-
-        def say(message: str, secrets: tuple[str, ...] = secrets) -> None:
-            context.log.info(scrub(message, secrets))
-
         client = messenger.client(page_id, token, say=say)
         outcome = sync_page(postgres.pool, client, page, options, say)
         if outcome.status != "ok":
             context.log.error(outcome.error or f"page {page_id}: {outcome.status}")
-        outcomes.append(outcome)
+        return outcome
+
+    # Pages side by side: each waits on the API most of the time. Outcomes keep the
+    # partitions' order.
+    with ThreadPoolExecutor(
+        max_workers=min(config.page_concurrency, len(wanted) or 1),
+        thread_name_prefix="messenger-page",
+    ) as side_by_side:
+        outcomes: list[PageOutcome] = list(side_by_side.map(sync_one, wanted))
     failed = [o for o in outcomes if o.status in ("failed", "throttled")]
     done = [o for o in outcomes if o.status == "ok"]
     metadata: dict[str, Any] = {
