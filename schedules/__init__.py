@@ -1,6 +1,6 @@
 """Schedules of the project."""
 
-from datetime import UTC, timedelta
+from datetime import UTC, datetime, time, timedelta
 
 import dagster as dg
 
@@ -66,8 +66,8 @@ discovery_schedule = build_discovery_schedule()
 
 
 def build_metrics_schedule() -> dg.ScheduleDefinition:
-    """Yesterday's metrics once the day is over. (Days also refresh whenever their
-    enriched rows change, through metrics_sensor.)"""
+    """Yesterday's metrics once the day is over, unless they are current already (days
+    also refresh whenever their enriched rows change, through metrics_sensor)."""
 
     @dg.schedule(
         name="metrics_schedule",
@@ -75,25 +75,56 @@ def build_metrics_schedule() -> dg.ScheduleDefinition:
         execution_timezone="UTC",
         job=metrics_job,
         default_status=_default_status(),
-        description="Daily at 00:30 UTC: replace the metrics of the day that just ended.",
+        description="Daily at 00:30 UTC: replace the metrics of the day that just ended, "
+        "unless nothing in it changed since they were last replaced.",
     )
-    def metrics_schedule(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
-        day = context.scheduled_execution_time.astimezone(UTC).date() - timedelta(days=1)
-        return dg.RunRequest(partition_key=day.isoformat(), tags={"metrics/trigger": "schedule"})
+    def metrics_schedule(
+        context: dg.ScheduleEvaluationContext, postgres: PostgresResource
+    ) -> dg.RunRequest | dg.SkipReason:
+        tick = context.scheduled_execution_time.astimezone(UTC)
+        day = datetime.combine(tick.date() - timedelta(days=1), time(), UTC)
+        with postgres.connection() as conn:
+            row = conn.execute(query("metrics_day_is_current"), {"day": day}).fetchone()
+        if row and row[0]:
+            return dg.SkipReason(f"the metrics of {day.date()} are current: nothing changed")
+        return dg.RunRequest(
+            partition_key=day.date().isoformat(), tags={"metrics/trigger": "schedule"}
+        )
 
     return metrics_schedule
 
 
 metrics_schedule = build_metrics_schedule()
 
-# Each hour, five minutes past: the hour that just ended (hourly partitions end there).
-performance_stats_schedule = dg.build_schedule_from_partitioned_job(
-    performance_stats_job,
-    name="performance_stats_schedule",
-    minute_of_hour=5,
-    default_status=_default_status(),
-    description="Hourly: replace performance_stats for the hour that just ended.",
-)
+
+def build_performance_stats_schedule() -> dg.ScheduleDefinition:
+    """The hour that just ended, five minutes past, unless its figures are current."""
+
+    @dg.schedule(
+        name="performance_stats_schedule",
+        cron_schedule="5 * * * *",
+        execution_timezone="UTC",
+        job=performance_stats_job,
+        default_status=_default_status(),
+        description="Hourly: replace performance_stats for the hour that just ended, unless "
+        "nothing in it changed and no pipeline run finished in it since it was replaced.",
+    )
+    def performance_stats_schedule(
+        context: dg.ScheduleEvaluationContext, postgres: PostgresResource
+    ) -> dg.RunRequest | dg.SkipReason:
+        tick = context.scheduled_execution_time.astimezone(UTC)
+        hour = tick.replace(minute=0, second=0, microsecond=0) - timedelta(hours=1)
+        with postgres.connection() as conn:
+            row = conn.execute(query("performance_hour_is_current"), {"hour": hour}).fetchone()
+        key = hour.strftime("%Y-%m-%d-%H:%M")
+        if row and row[0]:
+            return dg.SkipReason(f"performance_stats of {key} are current: nothing changed")
+        return dg.RunRequest(partition_key=key, tags={"metrics/trigger": "schedule"})
+
+    return performance_stats_schedule
+
+
+performance_stats_schedule = build_performance_stats_schedule()
 
 
 def build_search_index_schedule() -> dg.ScheduleDefinition:

@@ -649,20 +649,50 @@ def test_metrics_windows_are_whole_utc_periods(postgres, window, message):
         refresh_metrics(postgres.pool, window)
 
 
-def test_metrics_and_performance_schedules(monkeypatch):
-    tick = datetime(2026, 11, 21, 0, 30, tzinfo=UTC)
-    with dg.build_schedule_context(scheduled_execution_time=tick) as context:
-        request = build_metrics_schedule()(context)
-    assert request.partition_key == "2026-11-20"
-
+def _requested(schedule, postgres, tick: datetime) -> list[str]:
     from conversation_assets.definitions import defs
 
-    hourly = defs.resolve_schedule_def(performance_stats_schedule.name)
     with dg.build_schedule_context(
-        scheduled_execution_time=datetime(2026, 11, 21, 13, 5, tzinfo=UTC)
+        scheduled_execution_time=tick,
+        resources={"postgres": postgres},
+        repository_def=defs.get_repository_def(),
     ) as context:
-        requests = list(hourly.evaluate_tick(context).run_requests or [])
-    assert [r.partition_key for r in requests] == ["2026-11-21-12:00"]
+        data = schedule.evaluate_tick(context)
+    return [r.partition_key for r in data.run_requests or []]
+
+
+def test_metrics_and_performance_schedules_run_only_when_something_changed(
+    conn, postgres, monkeypatch
+):
+    daily, day_tick = build_metrics_schedule(), datetime(2026, 11, 21, 0, 30, tzinfo=UTC)
+    hourly, hour_tick = performance_stats_schedule, datetime(2026, 11, 21, 13, 5, tzinfo=UTC)
+    day, hour = datetime(2026, 11, 20, tzinfo=UTC), datetime(2026, 11, 21, 12, tzinfo=UTC)
+    # Nothing happened: no run, a reason instead.
+    assert _requested(daily, postgres, day_tick) == []
+    assert _requested(hourly, postgres, hour_tick) == []
+
+    # A change to the period's enriched rows marks it: the schedule runs for it.
+    conn.execute(
+        "INSERT INTO metrics_dirty_periods (kind, period_start) VALUES ('day', %s), ('hour', %s)",
+        (day, hour),
+    )
+    assert _requested(daily, postgres, day_tick) == ["2026-11-20"]
+    assert _requested(hourly, postgres, hour_tick) == ["2026-11-21-12:00"]
+    refresh_metrics(postgres.pool, (day, day + timedelta(days=1)))
+    refresh_performance(postgres.pool, (hour, hour + timedelta(hours=1)))
+    assert _requested(daily, postgres, day_tick) == []
+    assert _requested(hourly, postgres, hour_tick) == []
+
+    # A discovery run that finished in the hour after its figures were written is
+    # counted by a new refresh; a performance_stats run (the refresh's own) is not.
+    record = (
+        "INSERT INTO pipeline_runs (run_id, asset, finished_at, duration_ms) VALUES (%s, %s, %s, 1)"
+    )
+    conn.execute(record, ("own", "performance_stats", hour + timedelta(minutes=40)))
+    conn.execute("UPDATE performance_stats SET refreshed_at = %s", (hour + timedelta(minutes=30),))
+    assert _requested(hourly, postgres, hour_tick) == []
+    conn.execute(record, ("d1", "discovered_sessions", hour + timedelta(minutes=45)))
+    assert _requested(hourly, postgres, hour_tick) == ["2026-11-21-12:00"]
     assert performance_stats.partitions_def is not None
 
     monkeypatch.setenv("ENABLE_BACKGROUND_JOBS", "false")

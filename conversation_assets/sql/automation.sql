@@ -59,3 +59,24 @@ SELECT p.hour, p.conversations, p.messages, p.discovery_runs, p.rows_scanned,
        p.conversations_built, p.embedded, p.enriched
 FROM performance_stats AS p
 WHERE p.hour >= %(start)s AND p.hour < %(end)s;
+
+-- name: metrics_day_is_current
+-- The schedules' cheap check. A day's metrics are current when no mark says
+-- otherwise: every change to its enriched rows marks it, in the same transaction,
+-- and only a refresh of the day clears the mark.
+SELECT NOT EXISTS (SELECT 1 FROM metrics_dirty_periods AS d
+                   WHERE d.kind = 'day' AND d.period_start = %(day)s);
+
+-- name: performance_hour_is_current
+-- An hour's performance_stats are current when no mark says otherwise and no run of
+-- the assets it counts finished in it after its row was written (no row: none at
+-- all). Its own runs do not count: they would call for one more refresh each hour.
+SELECT NOT EXISTS (SELECT 1 FROM metrics_dirty_periods AS d
+                   WHERE d.kind = 'hour' AND d.period_start = %(hour)s)
+   AND NOT EXISTS (
+       SELECT 1 FROM pipeline_runs AS r
+       WHERE r.finished_at >= %(hour)s AND r.finished_at < %(hour)s + interval '1 hour'
+         AND r.asset IN ('discovered_sessions', 'conversations', 'conversation_embeddings',
+                         'enriched_conversations')
+         AND r.finished_at > coalesce((SELECT p.refreshed_at FROM performance_stats AS p
+                                       WHERE p.hour = %(hour)s), '-infinity'));
