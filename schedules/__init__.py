@@ -1,6 +1,8 @@
 """Schedules of the project."""
 
+from collections.abc import Callable
 from datetime import UTC, datetime, time, timedelta
+from typing import Any
 
 import dagster as dg
 
@@ -65,33 +67,61 @@ def build_discovery_schedule() -> dg.ScheduleDefinition:
 discovery_schedule = build_discovery_schedule()
 
 
+def _refresh_schedule(
+    *,
+    name: str,
+    cron: str,
+    job: Any,  # a job definition (define_asset_job)
+    description: str,
+    period: Callable[[datetime], tuple[datetime, str]],
+    block: str,
+) -> dg.ScheduleDefinition:
+    """A refresh of the period that just ended (``period(tick)``: its start and its
+    partition key), skipped with a reason when ``block`` finds its figures current."""
+
+    @dg.schedule(
+        name=name,
+        cron_schedule=cron,
+        execution_timezone="UTC",
+        job=job,
+        default_status=_default_status(),
+        description=description,
+    )
+    def refresh_schedule(
+        context: dg.ScheduleEvaluationContext, postgres: PostgresResource
+    ) -> dg.RunRequest | dg.SkipReason:
+        start, key = period(context.scheduled_execution_time.astimezone(UTC))
+        with postgres.connection() as conn:
+            row = conn.execute(query(block), {"start": start}).fetchone()
+        if row and row[0]:
+            return dg.SkipReason(f"{key} is current: nothing changed since its last refresh")
+        return dg.RunRequest(partition_key=key, tags={"metrics/trigger": "schedule"})
+
+    return refresh_schedule
+
+
+def _yesterday(tick: datetime) -> tuple[datetime, str]:
+    day = tick.date() - timedelta(days=1)
+    return datetime.combine(day, time(), UTC), day.isoformat()
+
+
+def _last_hour(tick: datetime) -> tuple[datetime, str]:
+    hour = tick.replace(minute=0, second=0, microsecond=0) - timedelta(hours=1)
+    return hour, hour.strftime("%Y-%m-%d-%H:%M")
+
+
 def build_metrics_schedule() -> dg.ScheduleDefinition:
     """Yesterday's metrics once the day is over, unless they are current already (days
     also refresh whenever their enriched rows change, through metrics_sensor)."""
-
-    @dg.schedule(
+    return _refresh_schedule(
         name="metrics_schedule",
-        cron_schedule="30 0 * * *",
-        execution_timezone="UTC",
+        cron="30 0 * * *",
         job=metrics_job,
-        default_status=_default_status(),
         description="Daily at 00:30 UTC: replace the metrics of the day that just ended, "
         "unless nothing in it changed since they were last replaced.",
+        period=_yesterday,
+        block="metrics_day_is_current",
     )
-    def metrics_schedule(
-        context: dg.ScheduleEvaluationContext, postgres: PostgresResource
-    ) -> dg.RunRequest | dg.SkipReason:
-        tick = context.scheduled_execution_time.astimezone(UTC)
-        day = datetime.combine(tick.date() - timedelta(days=1), time(), UTC)
-        with postgres.connection() as conn:
-            row = conn.execute(query("metrics_day_is_current"), {"day": day}).fetchone()
-        if row and row[0]:
-            return dg.SkipReason(f"the metrics of {day.date()} are current: nothing changed")
-        return dg.RunRequest(
-            partition_key=day.date().isoformat(), tags={"metrics/trigger": "schedule"}
-        )
-
-    return metrics_schedule
 
 
 metrics_schedule = build_metrics_schedule()
@@ -99,29 +129,15 @@ metrics_schedule = build_metrics_schedule()
 
 def build_performance_stats_schedule() -> dg.ScheduleDefinition:
     """The hour that just ended, five minutes past, unless its figures are current."""
-
-    @dg.schedule(
+    return _refresh_schedule(
         name="performance_stats_schedule",
-        cron_schedule="5 * * * *",
-        execution_timezone="UTC",
+        cron="5 * * * *",
         job=performance_stats_job,
-        default_status=_default_status(),
         description="Hourly: replace performance_stats for the hour that just ended, unless "
         "nothing in it changed and no pipeline run finished in it since it was replaced.",
+        period=_last_hour,
+        block="performance_hour_is_current",
     )
-    def performance_stats_schedule(
-        context: dg.ScheduleEvaluationContext, postgres: PostgresResource
-    ) -> dg.RunRequest | dg.SkipReason:
-        tick = context.scheduled_execution_time.astimezone(UTC)
-        hour = tick.replace(minute=0, second=0, microsecond=0) - timedelta(hours=1)
-        with postgres.connection() as conn:
-            row = conn.execute(query("performance_hour_is_current"), {"hour": hour}).fetchone()
-        key = hour.strftime("%Y-%m-%d-%H:%M")
-        if row and row[0]:
-            return dg.SkipReason(f"performance_stats of {key} are current: nothing changed")
-        return dg.RunRequest(partition_key=key, tags={"metrics/trigger": "schedule"})
-
-    return performance_stats_schedule
 
 
 performance_stats_schedule = build_performance_stats_schedule()

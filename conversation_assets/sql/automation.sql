@@ -65,18 +65,18 @@ WHERE p.hour >= %(start)s AND p.hour < %(end)s;
 -- otherwise: every change to its enriched rows marks it, in the same transaction,
 -- and only a refresh of the day clears the mark.
 SELECT NOT EXISTS (SELECT 1 FROM metrics_dirty_periods AS d
-                   WHERE d.kind = 'day' AND d.period_start = %(day)s);
+                   WHERE d.kind = 'day' AND d.period_start = %(start)s);
 
 -- name: performance_hour_is_current
 -- An hour's performance_stats are current when no mark says otherwise and no run of
 -- the assets it counts finished in it after its row was written (no row: none at
 -- all). Its own runs do not count: they would call for one more refresh each hour.
 SELECT NOT EXISTS (SELECT 1 FROM metrics_dirty_periods AS d
-                   WHERE d.kind = 'hour' AND d.period_start = %(hour)s)
+                   WHERE d.kind = 'hour' AND d.period_start = %(start)s)
    AND NOT EXISTS (
        SELECT 1 FROM pipeline_runs AS r
-       WHERE r.finished_at >= %(hour)s AND r.finished_at < %(hour)s + interval '1 hour'
+       WHERE r.finished_at >= %(start)s AND r.finished_at < %(start)s + interval '1 hour'
          AND r.asset IN ('discovered_sessions', 'conversations', 'conversation_embeddings',
                          'enriched_conversations')
          AND r.finished_at > coalesce((SELECT p.refreshed_at FROM performance_stats AS p
-                                       WHERE p.hour = %(hour)s), '-infinity'));
+                                       WHERE p.hour = %(start)s), '-infinity'));
