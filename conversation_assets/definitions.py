@@ -16,11 +16,7 @@ from conversation_assets.assets.enrichment import (
     enriched_matches_conversations,
     performance_stats,
 )
-from conversation_assets.assets.inbox import (
-    alert_webhook_on_run_failure,
-    inbox_oldest_item_fresh,
-    pushed_conversations,
-)
+from conversation_assets.assets.inbox import inbox_oldest_item_fresh, pushed_conversations
 from conversation_assets.assets.messenger import messenger_sync, messenger_transcripts
 from conversation_assets.assets.search_indexes import conversation_search_indexes
 from jobs import (
@@ -42,6 +38,7 @@ from schedules import (
     search_index_schedule,
 )
 from sensors import (
+    alert_webhook_sensor,
     embedding_backlog_sensor,
     enrichment_queue_sensor,
     inbox_sensor,
@@ -97,7 +94,7 @@ defs = dg.Definitions(
         enrichment_queue_sensor,
         metrics_sensor,
         inbox_sensor,
-        alert_webhook_on_run_failure,
+        alert_webhook_sensor,
         messenger_pages_sensor,
         messenger_sync_sensor,
     ],

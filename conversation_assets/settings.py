@@ -101,8 +101,9 @@ class Settings(BaseSettings):
         description="`false` leaves every schedule and sensor stopped by default "
         "(`discovery_schedule`, `metrics_schedule`, `performance_stats_schedule`, "
         "`search_index_schedule`, `new_histories_sensor`, `embedding_backlog_sensor`, "
-        "`enrichment_queue_sensor`, `metrics_sensor`): start them in the UI when you want "
-        "them.",
+        "`enrichment_queue_sensor`, `metrics_sensor`, `inbox_sensor`, "
+        "`messenger_pages_sensor`, `messenger_sync_sensor`, `alert_webhook_sensor`): start "
+        "them in the UI when you want them.",
     )
     metrics_sensor_interval_seconds: Seconds = Field(
         default=10,
@@ -367,7 +368,8 @@ class Settings(BaseSettings):
     alert_webhook_url: HttpRoot = Field(
         default=None,
         description='Slack-compatible webhook (a secret): a JSON `{"text": ...}` is posted '
-        "when an inbox check fails or a run fails. Unset: no call.",
+        "when an inbox check fails or a run fails (`alert_webhook_sensor`). Unset: no call, "
+        "and that sensor starts stopped.",
     )
 
 

@@ -26,6 +26,7 @@ from jobs import (
     performance_stats_job,
 )
 from resources.postgres import PostgresResource
+from sensors.alerts import alert_webhook_sensor as alert_webhook_sensor  # re-exported
 from sensors.common import ACTIVE, NOT_STARTED, backlog_sensor, default_status, runs
 from sensors.messenger import build_messenger_pages_sensor, build_messenger_sync_sensor
 

@@ -253,7 +253,7 @@ def test_a_failing_inbox_check_calls_the_webhook(conn, postgres, hook, monkeypat
 
 
 def test_a_failed_run_calls_the_webhook(hook, monkeypatch):
-    from conversation_assets.assets.inbox import alert_webhook_on_run_failure
+    from sensors import alert_webhook_sensor
 
     monkeypatch.setenv("ALERT_WEBHOOK_URL", hook.url)
 
@@ -268,16 +268,28 @@ def test_a_failed_run_calls_the_webhook(hook, monkeypatch):
     instance = dg.DagsterInstance.ephemeral()
     result = failing_job.execute_in_process(instance=instance, raise_on_error=False)
     context = dg.build_run_status_sensor_context(
-        sensor_name="alert_webhook_on_run_failure",
+        sensor_name="alert_webhook_sensor",
         dagster_instance=instance,
         dagster_run=result.dagster_run,
         dagster_event=result.get_run_failure_event(),
     ).for_run_failure()
-    alert_webhook_on_run_failure(context)
+    alert_webhook_sensor(context)
     assert len(hook.posts) == 1
     assert "failing_job" in hook.posts[0]["text"]
     assert monitoring.post_alert(None, "x") is False
     assert monitoring.post_alert("http://127.0.0.1:9/closed", "x", timeout=2) is False
+
+
+def test_the_run_failure_alert_runs_only_with_a_webhook_to_post_to(monkeypatch):
+    from sensors.alerts import build_alert_webhook_sensor
+
+    monkeypatch.delenv("ALERT_WEBHOOK_URL", raising=False)
+    monkeypatch.setenv("ENABLE_BACKGROUND_JOBS", "true")
+    assert build_alert_webhook_sensor().default_status == dg.DefaultSensorStatus.STOPPED
+    monkeypatch.setenv("ALERT_WEBHOOK_URL", "http://127.0.0.1:9/hook")
+    assert build_alert_webhook_sensor().default_status == dg.DefaultSensorStatus.RUNNING
+    monkeypatch.setenv("ENABLE_BACKGROUND_JOBS", "false")
+    assert build_alert_webhook_sensor().default_status == dg.DefaultSensorStatus.STOPPED
 
 
 def _exported_names() -> set[str]:

@@ -115,34 +115,3 @@ def inbox_oldest_item_fresh(postgres: PostgresResource) -> dg.AssetCheckResult:
         severity=dg.AssetCheckSeverity.ERROR if critical else dg.AssetCheckSeverity.WARN,
         metadata=metadata,
     )
-
-
-def build_alert_webhook_sensor() -> dg.SensorDefinition:
-    """Posts each failed run of this code location to ALERT_WEBHOOK_URL (if set)."""
-
-    running = settings.load().enable_background_jobs
-
-    @dg.run_failure_sensor(
-        name="alert_webhook_on_run_failure",
-        default_status=dg.DefaultSensorStatus.RUNNING
-        if running
-        else dg.DefaultSensorStatus.STOPPED,
-        description="Posts a Slack-compatible message to ALERT_WEBHOOK_URL when a run fails.",
-    )
-    def alert_webhook_on_run_failure(context: dg.RunFailureSensorContext) -> None:
-        url = monitoring.webhook_url()
-        if url:
-            run = context.dagster_run
-            monitoring.post_alert(
-                url,
-                monitoring.describe_failure(
-                    "run",
-                    run.job_name,
-                    f"run {run.run_id}: {context.failure_event.message or 'no message'}",
-                ),
-            )
-
-    return alert_webhook_on_run_failure
-
-
-alert_webhook_on_run_failure = build_alert_webhook_sensor()
