@@ -74,9 +74,7 @@ SELECT NOT EXISTS (SELECT 1 FROM metrics_dirty_periods AS d
 SELECT NOT EXISTS (SELECT 1 FROM metrics_dirty_periods AS d
                    WHERE d.kind = 'hour' AND d.period_start = %(start)s)
    AND NOT EXISTS (
-       SELECT 1 FROM pipeline_runs AS r
+       SELECT 1 FROM performance_runs AS r
        WHERE r.finished_at >= %(start)s AND r.finished_at < %(start)s + interval '1 hour'
-         AND r.asset IN ('discovered_sessions', 'conversations', 'conversation_embeddings',
-                         'enriched_conversations')
          AND r.finished_at > coalesce((SELECT p.refreshed_at FROM performance_stats AS p
                                        WHERE p.hour = %(start)s), '-infinity'));

@@ -428,7 +428,7 @@ runs AS (
                AS model_ms,
            coalesce(sum(r.items) FILTER (WHERE r.asset = 'enriched_conversations'), 0)
                AS enriched
-    FROM pipeline_runs AS r
+    FROM performance_runs AS r
     WHERE r.finished_at >= %(window_start)s AND r.finished_at < %(window_end)s
     GROUP BY 1
 )
