@@ -879,7 +879,7 @@ def sync_page(
     """Sync one page; a failure is the page's outcome (named, scrubbed), never raised."""
     say = say or (lambda _message: None)
     worker = PageSync(pool, client, page, options, say)
-    secrets = client._secrets  # noqa: SLF001 - our own client: scrub what it holds
+    secrets = client.secrets
     try:
         return worker.run()
     except ThrottleTooLong as error:

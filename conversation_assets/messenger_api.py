@@ -154,7 +154,9 @@ def scrub(text: str, secrets: tuple[str, ...] = ()) -> str:
     text = _SECRET_PARAMS.sub(r"\1=***", text)
     for secret in secrets:
         if secret:
-            text = text.replace(secret, "***")
+            # Also as a repr shows it (escaped), the way a library's error may quote it.
+            for shown in {secret, repr(secret)[1:-1]}:
+                text = text.replace(shown, "***")
     return text
 
 
@@ -224,12 +226,13 @@ class GraphClient:
             if app_secret
             else None
         )
-        self._secrets = tuple(s for s in (token, app_secret, self._proof) if s)
+        # What `scrub` takes out of every message about this client's calls.
+        self.secrets = tuple(s for s in (token, app_secret, self._proof) if s)
         self._calling = threading.RLock()
 
     # --- one call -----------------------------------------------------------------
     def _shown(self, text: str) -> str:
-        return scrub(redact_url(text) if "://" in text else text, self._secrets)
+        return scrub(redact_url(text) if "://" in text else text, self.secrets)
 
     def _pace(self) -> None:
         """Slow down before the limit: the closer usage is to 100 %, the longer."""
@@ -270,6 +273,11 @@ class GraphClient:
             )
         except (requests.ConnectionError, requests.Timeout) as exc:
             raise _Transient(self._shown(f"{type(exc).__name__}: {exc}")) from None
+        except (requests.RequestException, ValueError) as exc:
+            # A request that cannot be made (a header value, a URL): no retry helps.
+            raise GraphApiError(
+                f"page {self.page_id}: " + self._shown(f"{type(exc).__name__}: {exc}")
+            ) from None
         finally:
             self.stats.api_seconds += time.perf_counter() - started
             self.stats.calls += 1

@@ -9,7 +9,9 @@ metadata this project writes holds a token (`messenger_api.scrub`).
 
 from __future__ import annotations
 
+import re
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,19 +28,48 @@ class MessengerTokenError(ValueError):
     """The token configuration cannot be read; the message never holds a token."""
 
 
-def parse_tokens(text: str, where: str) -> dict[str, str]:
-    """`{"<page id>": "<token>", ...}`; the message of a bad value names `where` only."""
+# A page access token is printable ASCII without spaces: anything else could not go in
+# an Authorization header, and an HTTP library's error would then quote it.
+_TOKEN_SHAPE = re.compile(r"[\x21-\x7e]+")
+
+
+@dataclass(frozen=True)
+class PageTokens:
+    """The usable tokens, and why each unusable entry cannot be used (by page id): one
+    bad entry stops its own page, never the others."""
+
+    tokens: dict[str, str] = field(default_factory=dict)
+    unusable: dict[str, str] = field(default_factory=dict)
+
+    def merged(self, other: PageTokens) -> PageTokens:
+        """`other` wins, entry by entry, usable or not."""
+        tokens = {k: v for k, v in self.tokens.items() if k not in other.unusable}
+        unusable = {k: v for k, v in self.unusable.items() if k not in other.tokens}
+        return PageTokens({**tokens, **other.tokens}, {**unusable, **other.unusable})
+
+
+def parse_tokens(text: str, where: str) -> PageTokens:
+    """`{"<page id>": "<token>", ...}`. Not an object at all: MessengerTokenError. No
+    message names a token, only `where` and the page id."""
     try:
         value = orjson.loads(text)
     except orjson.JSONDecodeError:
         raise MessengerTokenError(
             f"{where} is not JSON: expected an object of page id to token"
         ) from None
-    if not isinstance(value, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) and v.strip() for k, v in value.items()
-    ):
-        raise MessengerTokenError(f"{where} must be a JSON object of page id to token (text)")
-    return {k.strip(): v.strip() for k, v in value.items()}
+    if not isinstance(value, dict):
+        raise MessengerTokenError(f"{where} must be a JSON object of page id to token")
+    found = PageTokens()
+    for key, token in value.items():
+        page_id = key.strip()
+        if isinstance(token, str) and _TOKEN_SHAPE.fullmatch(token.strip()):
+            found.tokens[page_id] = token.strip()
+        else:
+            shape = (
+                "text with spaces or control characters" if isinstance(token, str) else ("not text")
+            )
+            found.unusable[page_id] = f"page {page_id}: its token in {where} is {shape}"
+    return found
 
 
 class MessengerResource(dg.ConfigurableResource):
@@ -83,21 +114,26 @@ class MessengerResource(dg.ConfigurableResource):
         default=30.0, ge=0, description="Pause after a throttling error that names no wait."
     )
 
-    def tokens(self) -> dict[str, str]:
-        """Page id -> token, from the variable, then the file (the file wins)."""
-        found: dict[str, str] = {}
+    def load_tokens(self) -> PageTokens:
+        """From the variable, then the file (the file wins, entry by entry)."""
+        found = PageTokens()
         if self.page_tokens:
-            found.update(parse_tokens(self.page_tokens, "MESSENGER_PAGE_TOKENS"))
+            found = found.merged(parse_tokens(self.page_tokens, "MESSENGER_PAGE_TOKENS"))
         if self.page_tokens_file:
             path = Path(self.page_tokens_file)
             try:
                 text = path.read_text("utf-8")
-            except OSError as error:
+            except (OSError, UnicodeDecodeError) as error:
+                why = error.strerror if isinstance(error, OSError) else "not UTF-8"
                 raise MessengerTokenError(
-                    f"MESSENGER_PAGE_TOKENS_FILE {path} cannot be read: {error.strerror}"
+                    f"MESSENGER_PAGE_TOKENS_FILE {path} cannot be read: {why}"
                 ) from None
-            found.update(parse_tokens(text, f"MESSENGER_PAGE_TOKENS_FILE {path}"))
+            found = found.merged(parse_tokens(text, f"MESSENGER_PAGE_TOKENS_FILE {path}"))
         return found
+
+    def tokens(self) -> dict[str, str]:
+        """Page id -> token, the usable ones."""
+        return self.load_tokens().tokens
 
     def client(
         self, page_id: str, token: str, *, say: Say | None = None, sleep: Sleep = time.sleep

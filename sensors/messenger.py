@@ -74,9 +74,10 @@ def build_messenger_sync_sensor(job: Any) -> dg.SensorDefinition:
             return dg.SkipReason("a Messenger sync is under way")
         partitions = context.instance.get_dynamic_partitions(messenger_pages_partitions.name)
         try:
-            tokens = messenger.tokens()
+            found = messenger.load_tokens()
         except MessengerTokenError as error:
             return dg.SkipReason(str(error))
+        tokens = found.tokens
         secrets = tuple(tokens.values())
         due: list[str] = []
         with postgres.connection() as conn:
@@ -93,7 +94,9 @@ def build_messenger_sync_sensor(job: Any) -> dg.SensorDefinition:
                     continue
                 token = tokens.get(page.page_id)
                 if token is None:
-                    context.log.warning(f"page {page.page_id}: no access token")
+                    context.log.warning(
+                        found.unusable.get(page.page_id) or f"page {page.page_id}: no access token"
+                    )
                     continue
                 client = messenger.client(page.page_id, token)
                 client.max_retries, client.max_throttle_wait = 1, 0.0  # a probe never waits

@@ -314,6 +314,39 @@ def test_sync_sensor_requests_one_run_for_exactly_the_pages_that_changed(
     assert isinstance(tick(), dg.SkipReason)
 
 
+def test_an_unusable_token_entry_fails_its_own_page_and_never_shows(
+    conn, postgres, sim, instance, tmp_path, caplog
+):
+    register(conn, instance)
+    path = tmp_path / "pages.json"
+    broken = "EAABleak1234\nSECRETPART5678"  # a newline inside: no header can carry it
+    path.write_text(json.dumps({ACME: TOKENS[ACME], GLOBEX: broken, INITECH: None}))
+    caplog.set_level(logging.DEBUG)
+    messenger = MessengerResource(graph_url=sim.base, page_tokens_file=str(path))
+    span = {
+        "dagster/asset_partition_range_start": ACME,
+        "dagster/asset_partition_range_end": INITECH,
+    }
+
+    result = dg.materialize(
+        [messenger_sync],
+        instance=instance,
+        resources={"postgres": postgres, "messenger": messenger},
+        tags=span,
+        raise_on_error=False,
+    )
+
+    assert not result.success
+    synced = dict(
+        conn.execute("SELECT page_id, count(*) FROM messenger_conversations GROUP BY 1").fetchall()
+    )
+    assert synced == {ACME: 6}
+    text = _texts(result, instance) + caplog.text
+    assert f"page {GLOBEX}: its token in MESSENGER_PAGE_TOKENS_FILE" in text
+    assert f"page {INITECH}: its token in MESSENGER_PAGE_TOKENS_FILE" in text
+    assert "EAABleak1234" not in text and "SECRETPART5678" not in text
+
+
 def test_a_throttled_page_is_left_alone_until_it_may_call_again(conn, postgres, sim, instance):
     register(conn, instance)
     assert materialize(postgres, sim, instance, ACME).success

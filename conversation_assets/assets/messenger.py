@@ -140,9 +140,10 @@ def messenger_sync(
     keys = list(context.partition_keys)
     wanted = [k for k in keys if not config.pages or k in config.pages]
     try:
-        tokens = messenger.tokens()
+        found = messenger.load_tokens()
     except MessengerTokenError as error:
         raise dg.Failure(description=str(error)) from None
+    tokens = found.tokens
     with postgres.connection() as conn:
         pages = {p.page_id: p for p in load_pages(conn, wanted)}
         now = database_now(conn)
@@ -159,7 +160,7 @@ def messenger_sync(
             return _skipped(page_id, "disabled in messenger_pages", page.client_code)
         token = tokens.get(page_id)
         if token is None:
-            message = (
+            message = found.unusable.get(page_id) or (
                 f"page {page_id}: no access token (add it to MESSENGER_PAGE_TOKENS or "
                 "MESSENGER_PAGE_TOKENS_FILE)"
             )
