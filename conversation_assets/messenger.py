@@ -30,7 +30,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 import orjson
@@ -46,6 +46,7 @@ from conversation_assets.messenger_api import (
     RawPage,
     ThrottleTooLong,
     TokenInvalid,
+    is_node_id,
     next_cursor,
     scrub,
 )
@@ -202,17 +203,24 @@ def _count(value: Any) -> int | None:
     return None
 
 
+# Times every reader can load back, whatever its session's time zone (Python's years
+# are 1 to 9999): a day's margin at each end.
+_EARLIEST = datetime(1, 1, 2, tzinfo=UTC)
+_LATEST = datetime(9999, 12, 30, tzinfo=UTC)
+
+
 def parse_time(value: Any) -> datetime | None:
-    """The platform's `2026-11-20T09:00:00+0000` (any ISO 8601 with an offset)."""
+    """The platform's `2026-11-20T09:00:00+0000` (any ISO 8601 with an offset), in UTC."""
     if not isinstance(value, str):
         return None
     try:
         at = datetime.fromisoformat(value.strip())
-    except ValueError:
+        if at.tzinfo is None or at.utcoffset() is None:
+            return None
+        at = at.astimezone(UTC)
+    except (ValueError, OverflowError):
         return None
-    if at.tzinfo is None or at.utcoffset() is None:
-        return None
-    return at
+    return at if _EARLIEST <= at <= _LATEST else None
 
 
 def _people(value: Any) -> list[dict[str, Any]]:
@@ -229,9 +237,15 @@ def parse_thread(page: Page, raw: Any) -> ThreadRow | RejectRow:
     thread_id = _identifier(raw.get("id"))
     if thread_id is None:
         return RejectRow("thread", _hash_key(raw), "a thread without a usable id", _excerpt(raw))
+    if not is_node_id(thread_id):
+        reason = "a thread id the Graph API cannot be asked for (unexpected characters)"
+        return RejectRow("thread", thread_id, reason, _excerpt(raw))
     updated = parse_time(raw.get("updated_time"))
     if updated is None:
-        reason = f"updated_time {raw.get('updated_time')!r:.80} is not a time with an offset"
+        reason = (
+            f"updated_time {raw.get('updated_time')!r:.80} is not a time with an offset "
+            "(years 1 to 9999)"
+        )
         return RejectRow("thread", thread_id, reason, _excerpt(raw))
     contact = None
     for person in _people(raw.get("participants")) + _people(raw.get("senders")):
@@ -288,7 +302,10 @@ def parse_message(page: Page, thread: ThreadRow, raw: Any) -> EventRow | RejectR
         return RejectRow("message", _hash_key(raw), reason, _excerpt(raw))
     created = parse_time(raw.get("created_time"))
     if created is None:
-        reason = f"created_time {raw.get('created_time')!r:.80} is not a time with an offset"
+        reason = (
+            f"created_time {raw.get('created_time')!r:.80} is not a time with an offset "
+            "(years 1 to 9999)"
+        )
         return RejectRow("message", message_id, reason, _excerpt(raw))
     sender = raw.get("from")
     from_id = _identifier(sender.get("id")) if isinstance(sender, dict) else None
@@ -429,7 +446,9 @@ class PageSync:
             mode="full" if full else "incremental",
         )
         self.outcome.watermark_before = page.watermark
-        self.top: datetime | None = None
+        self.top: datetime | None = None  # the newest thread listed, up to `clock`
+        self.clock: datetime | None = None  # the database's, when the sync began
+        self.hold: datetime | None = None  # the oldest thread left unwritten
         self.seen: set[str] = set()
         self._stop = threading.Event()
         self.messages_so_far = 0
@@ -469,7 +488,11 @@ class PageSync:
                 if isinstance(parsed, RejectRow):
                     batch.rejects.append(parsed)
                     continue
-                if self.top is None or parsed.updated_time > self.top:
+                if (self.top is None or parsed.updated_time > self.top) and (
+                    self.clock is None or parsed.updated_time <= self.clock
+                ):
+                    # A thread stamped past the database's clock never sets the
+                    # watermark: every later change would sit below it.
                     self.top = parsed.updated_time
                 if cutoff is not None and parsed.updated_time < cutoff:
                     last = True  # newest first: every thread after this one is older
@@ -549,11 +572,22 @@ class PageSync:
         stored = self._stored(list(latest))
         for thread, nested in latest.values():
             self.seen.add(thread.sender_id)
-            batch.threads.append(thread)
             before = stored.get(thread.sender_id)
-            changed = self.full or before is None or before[3] or thread.updated_time > before[1]
+            # Times have a second's resolution: a message in the stored second shows
+            # in the count.
+            changed = (
+                self.full
+                or before is None
+                or before[3]
+                or thread.updated_time > before[1]
+                or (thread.message_count is not None and thread.message_count != before[4])
+            )
             stored_last = None if before is None or before[3] else before[2]
-            self._thread_messages(thread, nested, changed, stored_last, batch)
+            if self._thread_messages(thread, nested, changed, stored_last, batch):
+                batch.threads.append(thread)
+            elif self.hold is None or thread.updated_time < self.hold:
+                # Not written: the next pass must list it again.
+                self.hold = thread.updated_time
 
     def _thread_messages(
         self,
@@ -562,9 +596,11 @@ class PageSync:
         changed: bool,
         stored_last: datetime | None,
         batch: _Batch,
-    ) -> None:
+    ) -> bool:
         """The nested messages, plus `/messages` pages while they are needed: a full
-        pass reads them all; a changed thread until one older than the stored last."""
+        pass reads them all; a changed thread until one older than the stored last.
+        False when a `/messages` answer could not be read: the thread is left as stored
+        (no message of it written, none marked deleted) for the next pass."""
         raw_messages: list[Any] = []
         after: str | None = None
         more = False
@@ -587,23 +623,34 @@ class PageSync:
             pages = self.client.thread_messages(
                 thread.thread_id, MESSAGE_FIELDS, self.options.message_page_size, after
             )
-            for body in pages:
-                data = body.get("data")
-                if not isinstance(data, list):
-                    reason = f"a messages response of thread {thread.thread_id} without data"
-                    batch.rejects.append(
-                        RejectRow("response", _hash_key(body), reason, _excerpt(body))
-                    )
-                    data = []
-                events.extend(self._parse_messages(thread, data, batch))
-                if not self.full and reached_stored():
-                    break
-            else:
-                more = False
+            unreadable: Any = None
+            try:
+                for body in pages:
+                    data = body.get("data")
+                    if not isinstance(data, list):
+                        unreadable = body
+                        break
+                    events.extend(self._parse_messages(thread, data, batch))
+                    if not self.full and reached_stored():
+                        break
+                else:
+                    more = False
+            except MalformedResponse as error:
+                unreadable = str(error)
+            if unreadable is not None:
+                reason = (
+                    f"a messages response of thread {thread.thread_id} that cannot be read: "
+                    "the thread is left as stored, for the next pass"
+                )
+                batch.rejects.append(
+                    RejectRow("response", _hash_key(unreadable), reason, _excerpt(unreadable))
+                )
+                return False
         batch.events.extend(events)
         if self.full and not more:
             batch.complete.append(thread.sender_id)
         self.messages_so_far += len(events)
+        return True
 
     def _parse_messages(self, thread: ThreadRow, data: list[Any], batch: _Batch) -> list[EventRow]:
         events = []
@@ -626,7 +673,11 @@ class PageSync:
             ).fetchall()
         found: list[tuple[ThreadRow, Any]] = []
         for sender_id, thread_id in unseen:
-            raw = self.client.thread(thread_id, self.thread_fields)
+            # An id the API cannot be asked for (stored before ids were checked): the
+            # complete listing did not show it, so it is gone.
+            raw = (
+                self.client.thread(thread_id, self.thread_fields) if is_node_id(thread_id) else None
+            )
             if raw is None:
                 batch.gone.append(sender_id)
                 continue
@@ -719,7 +770,7 @@ class PageSync:
                     query("save_sync_state"),
                     {
                         "page_id": page_id,
-                        "watermark": self.top,
+                        "watermark": self.watermark(),
                         "full": self.full,
                         "mode": self.outcome.mode,
                     },
@@ -732,6 +783,13 @@ class PageSync:
             if batch.final:
                 out.watermark_after = watermark
             out.db_seconds += time.perf_counter() - started
+
+    def watermark(self) -> datetime | None:
+        """The newest thread listed (up to the database's clock), kept below any thread
+        left unwritten: the next pass lists down to it again."""
+        if self.hold is not None and (self.top is None or self.hold <= self.top):
+            return self.hold - timedelta(microseconds=1)
+        return self.top
 
     def _settle_rejects(self, cur: psycopg.Cursor, batch: _Batch, events: list[EventRow]) -> int:
         page_id = self.page.page_id
@@ -782,6 +840,7 @@ class PageSync:
                 self.pool.connection() as conn,
                 locks.session_lock(conn, f"messenger_sync:{self.page.page_id}"),
             ):
+                self.clock = database_now(conn)
                 row = conn.execute(
                     query("page_has_rejects"), {"page_id": self.page.page_id}
                 ).fetchone()
@@ -936,31 +995,39 @@ def page_due_for_reconcile(page: Page, reconcile_after: timedelta, now: datetime
 
 def probe_page(conn: psycopg.Connection, client: GraphClient, page: Page, look: int = 10) -> bool:
     """Whether the page has changes to sync, for one light call: any of its `look`
-    most recently updated threads unknown or newer than stored."""
+    most recently updated threads unknown, newer than stored, or (in the stored second:
+    times have a second's resolution) with another message count. An answer of the
+    wrong shape raises MalformedResponse."""
     if page.watermark is None:
         return True
     body = client.get(
         "list",
         f"{page.page_id}/conversations",
-        {"platform": "messenger", "fields": "id,updated_time", "limit": look},
+        {"platform": "messenger", "fields": "id,updated_time,message_count", "limit": look},
     )
-    listed: dict[str, datetime] = {}
-    for raw in body.get("data") or []:
+    data = body.get("data")
+    if not isinstance(data, list):
+        raise MalformedResponse(f"page {page.page_id}: a list response without a data array")
+    listed: dict[str, tuple[datetime, int | None]] = {}
+    for raw in data:
         if isinstance(raw, dict):
             thread_id, at = _identifier(raw.get("id")), parse_time(raw.get("updated_time"))
             if thread_id is not None and at is not None:
-                listed[thread_id] = at
+                listed[thread_id] = (at, _count(raw.get("message_count")))
     if not listed:
         return False
-    stored = dict(
-        conn.execute(
+    stored = {
+        row[0]: row[1:]
+        for row in conn.execute(
             query("stored_thread_times"),
             {"page_id": page.page_id, "thread_ids": list(listed)},
-        ).fetchall()
-    )
-    return any(
-        thread_id not in stored or at > stored[thread_id] for thread_id, at in listed.items()
-    )
+        )
+    }
+    for thread_id, (at, count) in listed.items():
+        held = stored.get(thread_id)
+        if held is None or at > held[0] or (count is not None and count != held[1]):
+            return True
+    return False
 
 
 # --- threads into conversations --------------------------------------------------------

@@ -419,8 +419,17 @@ class GraphClient:
             return None
 
 
+# An id that can be a URL path segment as it is: no encoding, no dot segment.
+_NODE_ID = re.compile(r"(?!\.\.?$)[0-9A-Za-z_.:-]{1,200}")
+
+
+def is_node_id(value: str) -> bool:
+    """Whether the API can be asked for this node (a thread) by id."""
+    return _NODE_ID.fullmatch(value) is not None
+
+
 def _safe_id(node: str) -> str:
-    if not re.fullmatch(r"[0-9A-Za-z_.:-]{1,200}", node):
+    if not is_node_id(node):
         raise MalformedResponse(f"a node id with unexpected characters: {node[:80]!r}")
     return node
 

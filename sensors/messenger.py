@@ -5,6 +5,7 @@ from datetime import timedelta
 from typing import Any
 
 import dagster as dg
+import psycopg
 
 from conversation_assets import settings
 from conversation_assets.assets.messenger import (
@@ -103,7 +104,8 @@ def build_messenger_sync_sensor(job: Any) -> dg.SensorDefinition:
                 try:
                     if probe_page(conn, client, page):
                         due.append(page.page_id)
-                except GraphApiError as error:
+                except (GraphApiError, psycopg.Error) as error:
+                    # One page's trouble is that page's: the others are still probed.
                     context.log.warning(scrub(str(error), secrets))
         request = sync_run_request(due, list(partitions))
         if request is None:

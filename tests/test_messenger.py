@@ -314,6 +314,32 @@ def test_sync_sensor_requests_one_run_for_exactly_the_pages_that_changed(
     assert isinstance(tick(), dg.SkipReason)
 
 
+def test_one_pages_bad_answer_or_bad_rows_never_stop_the_sensor_for_the_others(
+    conn, postgres, sim, instance
+):
+    register(conn, instance)
+    for page_id in (ACME, GLOBEX, INITECH):
+        assert materialize(postgres, sim, instance, page_id).success
+    sensor = build_messenger_sync_sensor(messenger_sync_job)
+    sim.advance(60)
+    sim.add_message(next(iter(sim.pages[GLOBEX].threads.values())), "hello from globex")
+    # acme's probe answers with `data` of the wrong type; initech holds a row no reader
+    # can load back (written before times were checked).
+    sim.fail_next(graph_sim.Scripted(200, {"data": 5}, match=f"/{ACME}/conversations"))
+    conn.execute(
+        "UPDATE messenger_conversations SET updated_time = '10000-01-01 00:00Z' "
+        "WHERE page_id = %s AND sender_id = (SELECT min(sender_id) FROM messenger_conversations "
+        "WHERE page_id = %s)",
+        (INITECH, INITECH),
+    )
+
+    with dg.build_sensor_context(instance=instance, resources=resources(postgres, sim)) as context:
+        request = sensor(context)
+
+    assert isinstance(request, dg.RunRequest)
+    assert request.run_config["ops"]["messenger_sync"]["config"]["pages"] == [GLOBEX]
+
+
 def test_an_unusable_token_entry_fails_its_own_page_and_never_shows(
     conn, postgres, sim, instance, tmp_path, caplog
 ):

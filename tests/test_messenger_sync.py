@@ -27,6 +27,7 @@ from conversation_assets.messenger import (
     build_thread_conversations,
     crew_code,
     load_pages,
+    probe_page,
     sync_page,
 )
 from conversation_assets.messenger_api import GraphClient
@@ -553,6 +554,127 @@ def test_a_malformed_list_response_is_rejected_not_fatal(conn, pool, sim):
 
     assert outcome.status == "ok" and outcome.rejects == 1
     assert conn.execute("SELECT item_kind FROM messenger_rejects").fetchone() == ("response",)
+
+
+def test_times_a_reader_cannot_load_are_rejected_and_other_tenants_build(conn, pool, sim):
+    register(conn)
+    register(conn, OTHER, "globex")
+    fill(sim, threads=3, messages=2)
+    fill(sim, threads=2, messages=2, page_id=OTHER)
+    far = sim.add_thread(PAGE, "Far", at=START)
+    sim.add_message(far, "hi", at=START)
+    far.overrides = {"updated_time": "9999-12-31T23:00:00-0200"}  # year 10000 in UTC
+    old = sim.add_thread(PAGE, "Ancient", at=START)
+    ancient = sim.add_message(old, "hi", at=START)
+    ancient.raw = {
+        "id": ancient.id,
+        "created_time": "0001-01-01T00:30:00+0100",  # year 0 in UTC
+        "from": {"id": old.participant_id},
+        "message": "hi",
+    }
+
+    outcome = run(pool, sim, "full")
+
+    assert outcome.status == "ok" and outcome.rejects == 2
+    reasons = dict(conn.execute("SELECT item_key, reason FROM messenger_rejects").fetchall())
+    assert "years 1 to 9999" in reasons[far.id] and "years 1 to 9999" in reasons[ancient.id]
+    assert run(pool, sim, "incremental").status == "ok"
+    assert run(pool, sim, "full", page_id=OTHER).status == "ok"
+    report = build_thread_conversations(pool, [PAGE, OTHER])
+    assert report.written.inserted == 3 + 1 + 2  # the ancient message's thread, without it
+    assert conn.execute(
+        "SELECT count(*) FROM conversations WHERE client_code = 'globex'"
+    ).fetchone() == (2,)
+
+
+def test_a_thread_stamped_in_the_future_never_freezes_the_watermark(conn, pool, sim):
+    register(conn)
+    fill(sim, threads=5, messages=2)
+    assert run(pool, sim, "full").status == "ok"
+    future = sim.add_thread(PAGE, "Future", at=START.replace(year=2099))
+    sim.add_message(future, "hi", at=START.replace(year=2099))
+
+    outcome = run(pool, sim, "incremental")
+
+    assert outcome.status == "ok" and outcome.threads_new == 1
+    (watermark,) = conn.execute("SELECT watermark FROM messenger_sync_state").fetchone()
+    assert watermark.year < 2099  # a thread past the clock never sets it
+    sim.advance(3600)
+    sim.add_message(sorted(sim.pages[PAGE].threads.values(), key=lambda t: t.id)[0], "later")
+    sim.add_message(sim.add_thread(PAGE, "Brand new"), "hello")
+    assert run(pool, sim, "incremental").status == "ok"
+    assert stored_view(conn) == platform(sim)
+
+
+@pytest.mark.parametrize("mode", ["full", "incremental"])
+def test_an_unreadable_messages_answer_leaves_the_thread_for_the_next_pass(conn, pool, sim, mode):
+    register(conn)
+    fill(sim, threads=3, messages=2)
+    chatty = sim.add_thread(PAGE, "Chatty", at=START)
+    for n in range(60):  # past the 25 nested: /messages calls
+        sim.add_message(chatty, f"m{n}", at=START + timedelta(seconds=n))
+    assert run(pool, sim, "full").status == "ok"
+    sim.advance(600)
+    for n in range(40):
+        sim.add_message(chatty, f"new {n}")
+    sim.fail_next(Scripted(200, {"data": "oops"}, match="/messages"))
+
+    outcome = run(pool, sim, mode)
+
+    assert outcome.status == "ok" and outcome.rejects == 1
+    assert outcome.messages_deleted == 0  # nothing read whole, nothing marked deleted
+    assert conn.execute(
+        "SELECT count(*) FROM contact_interaction_events WHERE deleted_at IS NOT NULL"
+    ).fetchone() == (0,)
+    # The thread was left as stored, below the watermark: the next pass reads it whole.
+    again = run(pool, sim, "incremental")
+    assert again.status == "ok" and again.message_calls >= 1
+    assert stored_view(conn) == platform(sim)
+
+
+def test_a_thread_id_the_api_cannot_be_asked_for_is_rejected_not_fatal(conn, pool, sim):
+    register(conn)
+    fill(sim, threads=4, messages=2)
+    odd = sim.add_thread(PAGE, "Odd", at=START)
+    for n in range(30):  # past the nested 25: reading it whole needs its id
+        sim.add_message(odd, f"m{n}", at=START + timedelta(seconds=n))
+    odd.overrides = {"id": "t odd/id"}
+
+    outcome = run(pool, sim, "full")
+
+    assert outcome.status == "ok" and outcome.threads_new == 4
+    (reason,) = conn.execute(
+        "SELECT reason FROM messenger_rejects WHERE item_key = 't odd/id'"
+    ).fetchone()
+    assert "cannot be asked for" in reason
+    # One stored before ids were checked, now gone: the full listing is enough to say so.
+    conn.execute(
+        """INSERT INTO messenger_conversations (page_id, sender_id, client_code, thread_id,
+               updated_time) VALUES (%s, 'legacy', 'acme', 't legacy#1', %s)""",
+        (PAGE, START),
+    )
+    again = run(pool, sim, "full")
+    assert again.status == "ok" and again.threads_deleted == 1
+
+
+def test_a_message_in_the_stored_second_is_seen_by_the_probe_and_the_sync(conn, pool, sim):
+    register(conn)
+    fill(sim, threads=3, messages=2)
+    assert run(pool, sim, "full").status == "ok"
+    sim.advance(600)
+    thread = next(iter(sim.pages[PAGE].threads.values()))
+    at = sim.now()
+    sim.add_message(thread, "first of a burst", at=at)
+    assert run(pool, sim, "incremental").status == "ok"
+    (page,) = load_pages(conn, [PAGE])
+    assert not probe_page(conn, client_for(sim), page)
+
+    sim.add_message(thread, "second of the burst", at=at)  # the same second
+
+    assert probe_page(conn, client_for(sim), page)
+    assert run(pool, sim, "incremental").messages_new == 1
+    assert stored_view(conn) == platform(sim)
+    assert not probe_page(conn, client_for(sim), page)
 
 
 def test_a_thread_with_tens_of_thousands_of_messages(conn, pool, sim):

@@ -3,8 +3,10 @@
 -- conversations. Values are always parameters.
 
 -- name: messenger_pages_with_state
-SELECT p.page_id, p.client_code, p.label, p.enabled, s.watermark, s.last_sync_at,
-       s.last_full_sync_at, s.throttled_until
+-- A watermark ahead of the clock (saved before watermarks were capped) reads as now.
+SELECT p.page_id, p.client_code, p.label, p.enabled,
+       CASE WHEN s.watermark > now() THEN now() ELSE s.watermark END,
+       s.last_sync_at, s.last_full_sync_at, s.throttled_until
 FROM messenger_pages AS p
 LEFT JOIN messenger_sync_state AS s USING (page_id)
 WHERE %(page_ids)s::text[] IS NULL OR p.page_id = ANY(%(page_ids)s::text[])
@@ -12,13 +14,14 @@ ORDER BY p.page_id;
 
 -- name: stored_threads
 -- What the incremental sync compares a listed thread with.
-SELECT m.sender_id, m.thread_id, m.updated_time, m.last_message_at, m.deleted_at IS NOT NULL
+SELECT m.sender_id, m.thread_id, m.updated_time, m.last_message_at, m.deleted_at IS NOT NULL,
+       m.message_count
 FROM messenger_conversations AS m
 WHERE m.page_id = %(page_id)s AND m.sender_id = ANY(%(sender_ids)s::text[]);
 
 -- name: stored_thread_times
--- The sensor's probe: stored updated_time of the listed thread ids.
-SELECT m.thread_id, m.updated_time
+-- The sensor's probe: stored updated_time and message count of the listed thread ids.
+SELECT m.thread_id, m.updated_time, m.message_count
 FROM messenger_conversations AS m
 WHERE m.page_id = %(page_id)s AND m.thread_id = ANY(%(thread_ids)s::text[])
   AND m.deleted_at IS NULL;
@@ -192,13 +195,14 @@ WITH gone AS (
 SELECT (SELECT count(*) FROM gone)::int, (SELECT count(*) FROM messages)::int;
 
 -- name: save_sync_state
--- In the transaction that writes the last rows a pass covers. The watermark never
--- moves back.
+-- In the transaction that writes the last rows a pass covers. An incremental pass
+-- never moves the watermark back; a full one (which saw every thread) sets it.
 INSERT INTO messenger_sync_state AS s (
     page_id, watermark, last_sync_at, last_full_sync_at, last_mode, updated_at)
 VALUES (%(page_id)s, %(watermark)s, now(), CASE WHEN %(full)s THEN now() END, %(mode)s, now())
 ON CONFLICT (page_id) DO UPDATE
-SET watermark = greatest(s.watermark, EXCLUDED.watermark),
+SET watermark = CASE WHEN %(full)s THEN EXCLUDED.watermark
+                     ELSE greatest(s.watermark, EXCLUDED.watermark) END,
     last_sync_at = now(),
     last_full_sync_at = coalesce(EXCLUDED.last_full_sync_at, s.last_full_sync_at),
     last_mode = EXCLUDED.last_mode,
