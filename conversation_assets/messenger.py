@@ -418,6 +418,10 @@ class SyncOptions:
     writers: int = 2
 
 
+class ClientConflict(ValueError):
+    """The page's stored threads belong to another client than its registration's."""
+
+
 class _Stop(Exception):
     """The writer failed: the fetcher stops."""
 
@@ -840,6 +844,7 @@ class PageSync:
                 self.pool.connection() as conn,
                 locks.session_lock(conn, f"messenger_sync:{self.page.page_id}"),
             ):
+                self._check_client(conn)
                 self.clock = database_now(conn)
                 row = conn.execute(
                     query("page_has_rejects"), {"page_id": self.page.page_id}
@@ -877,6 +882,20 @@ class PageSync:
             self._stop.set()
             self._finish(started)
         return self.outcome
+
+    def _check_client(self, conn: psycopg.Connection) -> None:
+        page = self.page
+        row = conn.execute(
+            query("page_client_conflict"),
+            {"page_id": page.page_id, "client_code": page.client_code},
+        ).fetchone()
+        if row is not None:
+            raise ClientConflict(
+                f"page {page.page_id}: its threads are stored under client {row[0]}, but "
+                f"messenger_pages now gives {page.client_code}; a sync never moves a "
+                "conversation to another client (give the page its client back, or delete "
+                "its rows first)"
+            )
 
     def _write_one(self, batch: _Batch) -> None:
         with self.pool.connection() as conn:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from psycopg import sql
 from psycopg_pool import ConnectionPool
 
 from conversation_assets import graph_sim
@@ -675,6 +676,24 @@ def test_a_message_in_the_stored_second_is_seen_by_the_probe_and_the_sync(conn, 
     assert run(pool, sim, "incremental").messages_new == 1
     assert stored_view(conn) == platform(sim)
     assert not probe_page(conn, client_for(sim), page)
+
+
+def test_a_page_registered_again_under_another_client_keeps_its_rows(conn, pool, sim):
+    register(conn, PAGE, "acme")
+    fill(sim, threads=3, messages=2)
+    assert run(pool, sim, "full").status == "ok"
+    build_thread_conversations(pool, [PAGE])
+    conn.execute("UPDATE messenger_pages SET client_code = 'globex' WHERE page_id = %s", (PAGE,))
+
+    outcome = run(pool, sim, "full")
+
+    assert outcome.status == "failed"
+    assert "stored under client acme" in outcome.error and "globex" in outcome.error
+    for table in ("messenger_conversations", "contact_interaction_events", "conversations"):
+        clients = conn.execute(
+            sql.SQL("SELECT DISTINCT client_code FROM {}").format(sql.Identifier(table))
+        ).fetchall()
+        assert clients == [("acme",)]
 
 
 def test_a_thread_with_tens_of_thousands_of_messages(conn, pool, sim):

@@ -55,7 +55,9 @@ FROM STDIN WITH (FORMAT BINARY);
 -- name: upsert_staged_threads
 -- One statement per API page of threads. A row is rewritten only when a field
 -- changed, and never by an older view of the thread; a thread seen again after
--- it was marked deleted is live again. Answers the threads written.
+-- it was marked deleted is live again. A thread stored under another client is left
+-- alone (the sync checks that first, see page_client_conflict): a write never moves a
+-- conversation across tenants. Answers the threads written.
 INSERT INTO messenger_conversations AS m (
     page_id, sender_id, client_code, thread_id, participant_name, updated_time,
     message_count, unread_count, snippet, can_reply, first_message_at, last_message_at)
@@ -76,6 +78,7 @@ SET client_code = EXCLUDED.client_code,
     synced_at = now(),
     deleted_at = NULL
 WHERE EXCLUDED.updated_time >= m.updated_time
+  AND m.client_code = EXCLUDED.client_code
   AND (m.client_code, m.thread_id, m.participant_name, m.updated_time, m.message_count,
        m.unread_count, m.snippet, m.can_reply, m.deleted_at IS NULL, m.first_message_at,
        m.last_message_at)
@@ -112,6 +115,7 @@ SET sender_id = EXCLUDED.sender_id,
     synced_at = now(),
     deleted_at = NULL
 WHERE e.page_id = EXCLUDED.page_id
+  AND e.client_code = EXCLUDED.client_code
   AND (e.sender_id, e.client_code, e.thread_id, e.direction, e.from_id, e.from_name,
        e.created_time, e.text, e.attachment_kind, e.deleted_at IS NULL)
       IS DISTINCT FROM
@@ -233,6 +237,14 @@ SET reason = EXCLUDED.reason, excerpt = EXCLUDED.excerpt, last_seen_at = now();
 DELETE FROM messenger_rejects AS r
 USING unnest(%(kinds)s::text[], %(keys)s::text[]) AS k(kind, key)
 WHERE r.page_id = %(page_id)s AND r.item_kind = k.kind AND r.item_key = k.key;
+
+-- name: page_client_conflict
+-- A client other than the page's own holding its threads (the page was registered
+-- again under another client): the sync stops rather than move them.
+SELECT m.client_code
+FROM messenger_conversations AS m
+WHERE m.page_id = %(page_id)s AND m.client_code <> %(client_code)s
+LIMIT 1;
 
 -- name: page_has_rejects
 SELECT EXISTS (SELECT 1 FROM messenger_rejects WHERE page_id = %(page_id)s);
