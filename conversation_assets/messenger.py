@@ -29,6 +29,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
@@ -417,6 +418,12 @@ class SyncOptions:
     # page (about 60 ms for 100 threads of 20 messages) then hides behind one 50 ms call.
     writers: int = 2
 
+    @property
+    def connections(self) -> int:
+        """Pool connections one page's sync holds at most: its lock connection (the
+        fetcher reads on it) and one per writer."""
+        return 1 + self.writers
+
 
 class ClientConflict(ValueError):
     """The page's stored threads belong to another client than its registration's."""
@@ -457,6 +464,7 @@ class PageSync:
         self._stop = threading.Event()
         self.messages_so_far = 0
         self.has_rejects = True  # until the page is looked at (run)
+        self._reader: psycopg.Connection | None = None
         self._lock = threading.Lock()
 
     @property
@@ -557,10 +565,20 @@ class PageSync:
             done.set()
             thread.join()
 
+    @contextmanager
+    def _reading(self) -> Iterator[psycopg.Connection]:
+        """The page's lock connection when the sync holds one (a page then needs one
+        connection beside its writers'), else one from the pool."""
+        if self._reader is not None:
+            yield self._reader
+        else:
+            with self.pool.connection() as conn:
+                yield conn
+
     def _stored(self, senders: list[str]) -> dict[str, tuple[Any, ...]]:
         if self.full or not senders:
             return {}
-        with self.pool.connection() as conn:
+        with self._reading() as conn:
             rows = conn.execute(
                 query("stored_threads"), {"page_id": self.page.page_id, "sender_ids": senders}
             ).fetchall()
@@ -670,7 +688,7 @@ class PageSync:
         """Threads stored live but not listed: each is asked for by id. Gone: marked
         deleted. Still there (it moved past the cursor while the listing ran): synced."""
         batch = _Batch(final=True)
-        with self.pool.connection() as conn:
+        with self._reading() as conn:
             unseen = conn.execute(
                 query("threads_not_seen"),
                 {"page_id": self.page.page_id, "seen": sorted(self.seen)},
@@ -845,6 +863,7 @@ class PageSync:
                 locks.session_lock(conn, f"messenger_sync:{self.page.page_id}"),
             ):
                 self._check_client(conn)
+                self._reader = conn  # idle while the sync runs: the fetcher reads on it
                 self.clock = database_now(conn)
                 row = conn.execute(
                     query("page_has_rejects"), {"page_id": self.page.page_id}

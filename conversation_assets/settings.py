@@ -281,8 +281,8 @@ class Settings(BaseSettings):
         le=32,
         description="Pages one `messenger_sync` run syncs at once (each has its own cursor, "
         "pacing and writers, and holds up to three of the pool's `PG_POOL_MAX_SIZE` "
-        "connections; every page's calls count against the app's usage, which each page's "
-        "pacing reads).",
+        "connections: a run syncs at most `PG_POOL_MAX_SIZE / 3` pages at once, and says so; "
+        "every page's calls count against the app's usage, which each page's pacing reads).",
     )
     messenger_sensor_interval_seconds: Seconds = Field(
         default=60,

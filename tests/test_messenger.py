@@ -22,6 +22,7 @@ from conversation_assets.graph_sim import GraphSim
 from conversation_assets.messenger import crew_code
 from jobs import messenger_sync_job
 from resources.messenger import MessengerResource, messenger_resource
+from resources.postgres import PostgresResource
 from sensors.messenger import build_messenger_pages_sensor, build_messenger_sync_sensor
 
 START = datetime(2026, 11, 20, 9, 0, tzinfo=UTC)
@@ -371,6 +372,46 @@ def test_an_unusable_token_entry_fails_its_own_page_and_never_shows(
     assert f"page {GLOBEX}: its token in MESSENGER_PAGE_TOKENS_FILE" in text
     assert f"page {INITECH}: its token in MESSENGER_PAGE_TOKENS_FILE" in text
     assert "EAABleak1234" not in text and "SECRETPART5678" not in text
+
+
+def test_more_pages_at_once_than_the_pool_serves_are_synced_in_turn(conn, instance, db_url):
+    sim = GraphSim(start=START)
+    pages = [f"30000000000{n:04d}" for n in range(6)]
+    tokens = {page_id: f"tok-{page_id}" for page_id in pages}
+    for page_id in pages:
+        sim.add_page(page_id, page_id, tokens[page_id])
+        graph_sim.fill_page(sim, page_id, 3, 2, START - timedelta(days=1))
+        conn.execute(
+            "INSERT INTO messenger_pages (page_id, client_code) VALUES (%s, 'acme')", (page_id,)
+        )
+    instance.add_dynamic_partitions("messenger_pages", pages)
+    small = PostgresResource(database_url=db_url, pool_max_size=4)  # one page at a time
+    config = {"ops": {"messenger_sync": {"config": {"mode": "full", "page_concurrency": 6}}}}
+    span = {
+        "dagster/asset_partition_range_start": pages[0],
+        "dagster/asset_partition_range_end": pages[-1],
+    }
+    try:
+        with graph_sim.serve(sim) as url:
+            sim.latency = 0.05
+            result = dg.materialize(
+                [messenger_sync],
+                instance=instance,
+                resources={
+                    "postgres": small,
+                    "messenger": MessengerResource(graph_url=url, page_tokens=json.dumps(tokens)),
+                },
+                run_config=config,
+                tags=span,
+                raise_on_error=False,
+            )
+    finally:
+        small.close()
+
+    assert result.success
+    warning = "6 pages at once would need 18 database connections; the pool has 4"
+    assert warning in _texts(result, instance)
+    assert conn.execute("SELECT count(*) FROM messenger_conversations").fetchone() == (18,)
 
 
 def test_a_throttled_page_is_left_alone_until_it_may_call_again(conn, postgres, sim, instance):

@@ -187,10 +187,21 @@ def messenger_sync(
             context.log.error(outcome.error or f"page {page_id}: {outcome.status}")
         return outcome
 
-    # Pages side by side: each waits on the API most of the time. Outcomes keep the
-    # partitions' order.
+    # Pages side by side: each waits on the API most of the time. More pages than the
+    # pool's connections serve would wait on each other until one times out. Outcomes
+    # keep the partitions' order.
+    per_page = SyncOptions().connections
+    fits = max(1, postgres.pool.max_size // per_page)
+    side = min(config.page_concurrency, len(wanted) or 1)
+    if side > fits:
+        context.log.warning(
+            f"{side} pages at once would need {side * per_page} database "
+            f"connections; the pool has {postgres.pool.max_size} (PG_POOL_MAX_SIZE): "
+            f"syncing {fits} at once"
+        )
+        side = fits
     with ThreadPoolExecutor(
-        max_workers=min(config.page_concurrency, len(wanted) or 1),
+        max_workers=side,
         thread_name_prefix="messenger-page",
     ) as side_by_side:
         outcomes: list[PageOutcome] = list(side_by_side.map(sync_one, wanted))
