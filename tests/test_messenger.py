@@ -78,6 +78,14 @@ def materialize(postgres, sim, instance, partition, *, config=None, tokens=None,
     )
 
 
+def synced_with_sensor(conn, postgres, sim, instance) -> dg.SensorDefinition:
+    """The three pages registered and fully synced; the sync sensor to tick."""
+    register(conn, instance)
+    for page_id in (ACME, GLOBEX, INITECH):
+        assert materialize(postgres, sim, instance, page_id).success
+    return build_messenger_sync_sensor(messenger_sync_job)
+
+
 def _texts(result: dg.ExecuteInProcessResult, instance: dg.DagsterInstance) -> str:
     """Every log line, message and metadata value the run wrote to its event log."""
     parts = []
@@ -279,10 +287,7 @@ def test_pages_sensor_keeps_partitions_in_step_with_the_table(conn, postgres, in
 def test_sync_sensor_requests_one_run_for_exactly_the_pages_that_changed(
     conn, postgres, sim, instance
 ):
-    register(conn, instance)
-    for page_id in (ACME, GLOBEX, INITECH):
-        assert materialize(postgres, sim, instance, page_id).success
-    sensor = build_messenger_sync_sensor(messenger_sync_job)
+    sensor = synced_with_sensor(conn, postgres, sim, instance)
 
     def tick():
         with dg.build_sensor_context(
@@ -318,10 +323,7 @@ def test_sync_sensor_requests_one_run_for_exactly_the_pages_that_changed(
 def test_one_pages_bad_answer_or_bad_rows_never_stop_the_sensor_for_the_others(
     conn, postgres, sim, instance
 ):
-    register(conn, instance)
-    for page_id in (ACME, GLOBEX, INITECH):
-        assert materialize(postgres, sim, instance, page_id).success
-    sensor = build_messenger_sync_sensor(messenger_sync_job)
+    sensor = synced_with_sensor(conn, postgres, sim, instance)
     sim.advance(60)
     sim.add_message(next(iter(sim.pages[GLOBEX].threads.values())), "hello from globex")
     # acme's probe answers with `data` of the wrong type; initech holds a row no reader
