@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import orjson
 import psycopg
 from pgvector import Vector
 from psycopg_pool import ConnectionPool
@@ -47,10 +48,17 @@ ProgressLog = Callable[[str], None]
 CREW_PREFIX = "inbox:"  # a pushed conversation's crew code: "inbox:" + its client
 SOURCE = "inbox"  # the write path's `source` (conversation_rejects.source)
 INBOX_FULL = "CPQ01"  # SQLSTATE of a call refused because the inbox is full
+
+
 # Errors that come from one item (a value the write path or a product trigger
 # refuses), not from the database or the model being away: the batch is halved
 # until the item is found, which then counts an attempt.
+class ItemUnreadable(ValueError):
+    """A stored item no reader can load (its metadata): that item's failure."""
+
+
 _ITEM_ERRORS = (
+    ItemUnreadable,
     psycopg.DataError,
     psycopg.IntegrityError,
     psycopg.InternalError,
@@ -250,6 +258,19 @@ class InboxItem:
     enqueued_at: Any
 
 
+def _item(row: tuple[Any, ...]) -> InboxItem:
+    """A taken row, its metadata (fetched as text) read here, with orjson: the writer's
+    own encoder, so what loads here also writes."""
+    *fields, metadata, enqueued_at = row
+    try:
+        loaded = orjson.loads(metadata)
+    except orjson.JSONDecodeError as error:
+        raise ItemUnreadable(f"metadata cannot be read: {error}") from None
+    if not isinstance(loaded, dict):
+        raise ItemUnreadable("metadata is not a JSON object")
+    return InboxItem(*fields, loaded, enqueued_at)
+
+
 def record_for(item: InboxItem) -> ConversationRecord:
     """The stored conversation of a pushed one: the app's fields, plus what the builder
     computes for every conversation (counts, language, sentiment, a summary when none
@@ -363,7 +384,7 @@ class _Drain:
                     rows = self.conn.execute(query("inbox_take_items"), {"seqs": seqs}).fetchall()
                 taken = [row[0] for row in rows]
                 if rows:
-                    self._store([InboxItem(*row) for row in rows])
+                    self._store([_item(row) for row in rows])
         except _ITEM_ERRORS as error:
             if not taken:
                 raise

@@ -20,6 +20,7 @@ from conversation_assets.inbox import InboxFullError, InboxInputError, queue_con
 from conversation_assets.store import conversation_id
 from resources.embeddings import EmbeddingResource
 from resources.postgres import PostgresResource
+from tests.sources import add_crew, run_pipeline, say
 
 TRANSCRIPT = "User: where is my parcel? It was due on Monday.\nAI: It left the depot today."
 LOCAL = EmbeddingResource()
@@ -43,6 +44,13 @@ def _push(conn: psycopg.Connection, n: int, client: str = "acme", **kwargs) -> l
         )
         for i in range(n)
     ]
+
+
+def _nested(depth: int) -> dict:
+    value: dict = {"leaf": 1}
+    for _ in range(depth - 1):
+        value = {"a": value}
+    return value
 
 
 def _count(conn: psycopg.Connection, sql: str, *params: object) -> int:
@@ -104,6 +112,8 @@ def test_enqueue_then_drain_stores_embeds_and_is_searchable(conn, postgres):
         ({"metadata": {"x": float("nan")}}, "metadata", "not JSON"),
         ({"metadata": {"x": "a\x00"}}, "metadata", "NUL"),
         ({"metadata": {"x": "y" * 70_000}}, "metadata", "larger than 64 KB"),
+        ({"metadata": _nested(65)}, "metadata", "nested deeper than 64 levels"),
+        ({"metadata": {"x": 10**400}}, "metadata", "beyond double precision"),
         ({"client_code": "nobody"}, "client_code", "'nobody' is not a known client"),
         ({"client_code": "a b"}, "client_code", "client_code must be"),
         ({"idempotency_key": ""}, "idempotency_key", "idempotency_key is empty"),
@@ -353,6 +363,93 @@ PSQL = shutil.which("psql")
 @pytest.mark.skipif(
     PSQL is None, reason="psql is not installed (apt-get install postgresql-client)"
 )
+@pytest.mark.parametrize("latency", ["-5000", "NaN", "Infinity"])
+def test_a_latency_that_is_not_a_duration_is_refused(conn, latency):
+    _client(conn)
+    with pytest.raises(psycopg.errors.InvalidParameterValue) as refused:
+        conn.execute(
+            "SELECT queue_conversation_storage('u', 'web', 'User: hi', "
+            "client_code => 'acme', client_latency_ms => %s::real)",
+            (latency,),
+        )
+    assert refused.value.diag.column_name == "client_latency_ms"
+    assert _count(conn, "SELECT count(*) FROM conversation_inbox") == 0
+
+
+def test_items_queued_with_metadata_no_reader_loads_fail_alone(conn, postgres):
+    _client(conn)
+    _client(conn, "globex")
+    good = _push(conn, 3, client="globex")
+    # Queued before the function refused such metadata: written to the table directly.
+    for name, metadata in (
+        ("bignum", '{"x": 1' + "0" * 5000 + "}"),
+        ("deep", '{"a":' * 3000 + "1" + "}" * 3000),
+    ):
+        conn.execute(
+            "INSERT INTO conversation_inbox (id, client_code, session_id, user_id, channel, "
+            "full_conversation, metadata) VALUES (gen_random_uuid(), 'acme', %s, 'u', 'web', "
+            "'User: hi', %s::jsonb)",
+            (name, metadata),
+        )
+    good += _push(conn, 3, client="globex")
+
+    first = inbox.drain(postgres.pool, LOCAL, max_attempts=2)
+    second = inbox.drain(postgres.pool, LOCAL, max_attempts=2)
+
+    assert (first.stored, first.failed_attempts) == (6, 2)
+    assert (second.stored, second.rejected) == (0, 2)
+    assert {r[0] for r in conn.execute("SELECT id FROM conversations")} == set(good)
+    reasons = [r[0] for r in conn.execute("SELECT reason FROM conversation_inbox_rejects")]
+    assert len(reasons) == 2
+    assert all("ItemUnreadable: metadata cannot be read" in reason for reason in reasons)
+
+
+def test_a_key_of_another_clients_conversation_is_queued_not_answered(conn, postgres):
+    with pytest.raises(psycopg.errors.CheckViolation):
+        add_crew(conn, "inbox:acme", "evil", "public.evil_histories", "n8n_created_at")
+    # A crew that took the code before it was reserved.
+    conn.execute("ALTER TABLE crews DROP CONSTRAINT crews_code_not_reserved")
+    add_crew(conn, "inbox:acme", "evil", "public.evil_histories", "n8n_created_at")
+    conn.execute(
+        "ALTER TABLE crews ADD CONSTRAINT crews_code_not_reserved "
+        "CHECK (crew_code !~ '^(inbox|messenger):') NOT VALID"
+    )
+    say(conn, "public.evil_histories", "order-7", "human", "evil's private chat")
+    run_pipeline(postgres)
+    (evil,) = conn.execute("SELECT id FROM conversations WHERE client_code = 'evil'").fetchone()
+    _client(conn)
+
+    pushed = queue_conversation_storage(
+        conn, "u", "web", TRANSCRIPT, client_code="acme", idempotency_key="order-7"
+    )
+
+    assert pushed == evil  # the same natural key: the same id...
+    assert _count(conn, "SELECT count(*) FROM conversation_inbox") == 1  # ...but queued
+    report = inbox.drain(postgres.pool, LOCAL)
+    assert report.rejected == 1  # the write path never moves a conversation across clients
+    assert conn.execute(
+        "SELECT client_code, full_conversation FROM conversations WHERE id = %s", (evil,)
+    ).fetchone() == ("evil", "User: evil's private chat")
+
+
+@pytest.mark.parametrize("how", ["rolled back", "deleted"])
+def test_ids_taken_by_calls_that_left_nothing_never_fill_the_inbox(conn, how):
+    _client(conn)
+    inbox.set_max_pending(conn, 5)
+    for _ in range(5):
+        if how == "rolled back":  # the app's own transaction failed after the call
+            with pytest.raises(ZeroDivisionError), conn.transaction():
+                queue_conversation_storage(conn, "u", "web", TRANSCRIPT, client_code="acme")
+                1 / 0  # noqa: B018
+        else:
+            queue_conversation_storage(conn, "u", "web", TRANSCRIPT, client_code="acme")
+    if how == "deleted":
+        conn.execute("DELETE FROM conversation_inbox")  # an operator empties it by hand
+
+    assert queue_conversation_storage(conn, "u", "web", TRANSCRIPT, client_code="acme")
+    assert _count(conn, "SELECT count(*) FROM conversation_inbox") == 1
+
+
 def test_the_sql_function_is_callable_from_plain_psql(conn, db_url):
     _client(conn)
     script = """

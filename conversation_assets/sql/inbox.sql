@@ -14,8 +14,10 @@ WHERE singleton AND max_pending <> %(max_pending)s;
 
 -- name: inbox_take_batch
 -- The oldest items no other drain holds; those that failed in this run are left.
+-- Metadata as text: each item's is read on its own, so one no reader can load is
+-- that item's failure, not the batch's.
 SELECT i.seq, i.client_code, i.session_id, i.user_id, i.channel, i.full_conversation,
-       i.summary, i.metadata, i.enqueued_at
+       i.summary, i.metadata::text, i.enqueued_at
 FROM conversation_inbox AS i
 WHERE i.seq <> ALL(%(skip)s::bigint[])
 ORDER BY i.seq
@@ -25,7 +27,7 @@ FOR UPDATE SKIP LOCKED;
 -- name: inbox_take_items
 -- Part of a batch that failed, taken again to find the item at fault.
 SELECT i.seq, i.client_code, i.session_id, i.user_id, i.channel, i.full_conversation,
-       i.summary, i.metadata, i.enqueued_at
+       i.summary, i.metadata::text, i.enqueued_at
 FROM conversation_inbox AS i
 WHERE i.seq = ANY(%(seqs)s::bigint[])
 ORDER BY i.seq
