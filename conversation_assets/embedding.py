@@ -22,7 +22,7 @@ from psycopg_pool import ConnectionPool
 from conversation_assets import locks, settings
 from conversation_assets.queries import query
 from resources import embedding_resource
-from resources.embeddings import EmbeddingResource, check_dimension
+from resources.embeddings import EmbeddingResource, check_dimension, embed_each
 
 ProgressLog = Callable[[str], None]
 
@@ -36,6 +36,8 @@ class EmbedReport:
     model_calls: int = 0
     texts_sent: int = 0
     empty: int = 0
+    refused: int = 0  # texts the model refused (stored without a vector)
+    last_refusal: str | None = None
     batches: int = 0
     requeued_for_model_change: int = 0
     backlog_left: int = 0
@@ -164,15 +166,25 @@ def _embed_batch(
     to_send = {k: t for k, t in texts.items() if t.strip()}
     fresh.update({k: None for k in texts if k not in to_send})
     report.empty += len(texts) - len(to_send)
+    refused: set[bytes] = set()
     if to_send:
         begun = time.perf_counter()
-        vectors = embedder.embed(list(to_send.values()))
+        keys = list(to_send)
+        vectors, refusals = embed_each(embedder, list(to_send.values()))
         report.embed_seconds += time.perf_counter() - begun
         report.model_calls += 1
         report.texts_sent += len(to_send)
-        if vectors.shape[1] != report.dimension:
-            check_dimension(vectors.shape[1], report.dimension, "conversations", "embedding")
-        fresh.update({k: _vector(v) for k, v in zip(to_send, vectors, strict=True)})
+        for key, values in zip(keys, vectors, strict=True):
+            if values is None:
+                continue
+            if values.shape[0] != report.dimension:
+                check_dimension(values.shape[0], report.dimension, "conversations", "embedding")
+            fresh[key] = _vector(values)
+        # Stored without a vector and not cached: another text, or model, may pass.
+        refused = {keys[i] for i in refusals}
+        report.refused += len(refusals)
+        if refusals:
+            report.last_refusal = next(iter(refusals.values()))
     with conn.transaction():
         conn.execute(query("create_embedding_stage"))
         with conn.cursor() as cur:
@@ -180,6 +192,9 @@ def _embed_batch(
                 copy.set_types(["uuid", "bytea", "vector", "bool"])
                 for conversation, text_hash, _ in rows:
                     key = bytes(text_hash)
+                    if key in refused:
+                        copy.write_row((conversation, key, None, False))
+                        continue
                     is_fresh = key in fresh
                     vector = fresh[key] if is_fresh else cached[key]
                     copy.write_row((conversation, key, vector, is_fresh))

@@ -41,7 +41,7 @@ from conversation_assets.embedding import column_dimension, embedding_model_key
 from conversation_assets.queries import query
 from conversation_assets.store import ConversationRecord, content_hash, upsert_conversations
 from conversation_assets.transcripts import extractive_summary, guess_language, sentiment
-from resources.embeddings import EmbeddingResource, check_dimension
+from resources.embeddings import EmbeddingResource, check_dimension, embed_each
 
 ProgressLog = Callable[[str], None]
 
@@ -220,6 +220,7 @@ class DrainReport:
     embedded: int = 0
     cache_hits: int = 0
     texts_sent: int = 0
+    refused: int = 0  # texts the model refused: stored without a vector
     embed_seconds: float = 0.0
     seconds: float = 0.0
     pending_left: int = 0
@@ -239,6 +240,7 @@ class DrainReport:
             "embedded",
             "cache_hits",
             "texts_sent",
+            "refused",
         ):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.embed_seconds += other.embed_seconds
@@ -452,13 +454,16 @@ class _Drain:
         if not texts:
             return vectors, set(), None
         begun = time.perf_counter()
-        computed = self.embedder.embed(list(texts.values()))
+        computed, refused = embed_each(self.embedder, list(texts.values()))
         seconds = time.perf_counter() - begun
         self.report.embed_seconds += seconds
         self.report.texts_sent += len(texts)
+        self.report.refused += len(refused)
         for key, values in zip(texts, computed, strict=True):
-            vectors[key] = _vector(values)
-        return vectors, set(texts), seconds
+            vectors[key] = None if values is None else _vector(values)
+        # A refused text is stored without a vector and not cached (another may pass).
+        keys = list(texts)
+        return vectors, set(texts) - {keys[i] for i in refused}, seconds
 
     def _save_vectors(
         self,

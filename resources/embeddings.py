@@ -49,6 +49,11 @@ class EmbeddingError(RuntimeError):
     """An embedding request failed for good (bad request, or retries exhausted)."""
 
 
+class EmbeddingRefused(EmbeddingError):
+    """The server refused the texts of a request (HTTP 400, 413, 422: one too long for
+    the model, say): sending them again fails again; the others may pass alone."""
+
+
 class DimensionMismatchError(ValueError):
     """The model's vectors do not fit the database column."""
 
@@ -247,4 +252,33 @@ class EmbeddingResource(dg.ConfigurableResource):
             what=f"{self.backend} embedding request",
             error_cls=EmbeddingError,
             model=self.model_name,
+            refused_cls=EmbeddingRefused,
         )
+
+
+def embed_each(
+    embedder: EmbeddingResource, texts: Sequence[str]
+) -> tuple[list[np.ndarray | None], dict[int, str]]:
+    """Embed `texts`; a batch the server refuses is halved until the texts it refuses
+    alone are found. Their vectors are None, their reasons keyed by position: one text
+    a model cannot take never stops the others."""
+    vectors: list[np.ndarray | None] = [None] * len(texts)
+    refused: dict[int, str] = {}
+
+    def embed(positions: list[int]) -> None:
+        try:
+            computed = embedder.embed([texts[i] for i in positions])
+        except EmbeddingRefused as error:
+            if len(positions) == 1:
+                refused[positions[0]] = str(error)
+                return
+            half = len(positions) // 2
+            embed(positions[:half])
+            embed(positions[half:])
+            return
+        for position, values in zip(positions, computed, strict=True):
+            vectors[position] = values
+
+    if texts:
+        embed(list(range(len(texts))))
+    return vectors, refused

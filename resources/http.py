@@ -25,6 +25,9 @@ import tenacity
 # Server roots (no /api or /v1 suffix) of the HTTP backends when `base_url` is unset.
 DEFAULT_BASE_URL = {"ollama": "http://127.0.0.1:11434", "openai": "https://api.openai.com"}
 RETRYABLE_STATUS = frozenset({408, 429}) | frozenset(range(500, 600))
+# The server read the request and refused what it holds (too long, malformed): the
+# same request fails again, whatever the server's state.
+REFUSED_STATUS = frozenset({400, 413, 422})
 MAX_BACKOFF_SECONDS = 30.0
 # A server asking for a longer pause gets this much; the retries run out after it.
 MAX_RETRY_AFTER_SECONDS = 120.0
@@ -104,12 +107,14 @@ def post_json(
     what: str,
     error_cls: type[Exception],
     model: str | None = None,
+    refused_cls: type[Exception] | None = None,
 ) -> Any:
     """POST `payload` as JSON and return the decoded JSON answer.
 
     Up to `max_retries` retries follow the first attempt. `what` names the request
     in messages ("ollama embedding request"); `model`, when given, is named on an
-    HTTP error.
+    HTTP error. `refused_cls`, when given, is raised for a request the server refused
+    for what it holds (`REFUSED_STATUS`), `error_cls` for any other failure.
     """
     shown = redact_url(url)
 
@@ -125,7 +130,8 @@ def post_json(
             )
         if response.status_code >= 400:
             model_note = f" (model {model!r})" if model is not None else ""
-            raise error_cls(
+            refused = refused_cls is not None and response.status_code in REFUSED_STATUS
+            raise (refused_cls if refused else error_cls)(  # type: ignore[misc]
                 f"{what} to {shown} failed with HTTP {response.status_code}{model_note}: "
                 f"{response.text[:500]}"
             )

@@ -42,6 +42,11 @@ class ModelServer:
     script: list[tuple[Any, ...]] = field(default_factory=list)
     # Chat requests wait here together (the test fails unless they are concurrent).
     barrier: threading.Barrier | None = None
+    # An embedding request holding a text longer than this is refused (HTTP 400, as a
+    # model's context limit is): the server reads the texts, not a script.
+    max_text_chars: int | None = None
+    # Vector size answered: fake_vector's 3, padded with zeros to a column's size.
+    dimension: int = 3
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -84,7 +89,13 @@ def _handler(state: ModelServer) -> type[BaseHTTPRequestHandler]:
                 self._embed(payload)
 
         def _embed(self, payload: dict[str, Any]) -> None:
-            vectors = [fake_vector(t) for t in payload["input"]]
+            limit = state.max_text_chars
+            if limit is not None and any(len(t) > limit for t in payload["input"]):
+                error = {"message": f"input longer than {limit}", "type": "invalid_request_error"}
+                self._reply(400, json.dumps({"error": error}))
+                return
+            pad = [0.0] * (state.dimension - 3)
+            vectors = [fake_vector(t) + pad for t in payload["input"]]
             if self.path == "/api/embed":
                 self._reply(200, json.dumps({"model": payload["model"], "embeddings": vectors}))
             elif self.path == "/v1/embeddings":

@@ -60,6 +60,29 @@ def test_embeddings_drain_the_backlog_and_unchanged_text_is_never_embedded_again
     assert np.allclose(vector, expected, atol=1e-6)
 
 
+def test_a_text_the_model_refuses_never_stops_the_backlog(conn, postgres, model_server):
+    model_server.max_text_chars = 4000  # a model's context limit, in characters here
+    (model_server.dimension,) = conn.execute(
+        "SELECT atttypmod FROM pg_attribute WHERE attrelid = 'conversations'::regclass "
+        "AND attname = 'embedding'"
+    ).fetchone()
+    remote = EmbeddingResource(backend="openai", base_url=model_server.url, max_retries=0)
+    upsert_conversations(
+        conn,
+        [record(f"s{i}", full_conversation=f"User: question {i}") for i in range(5)]
+        + [record("long", full_conversation="User: " + "漢" * 6000)],
+    )
+
+    report = embed_backlog(postgres.pool, remote, batch_size=10)
+
+    assert (report.embedded, report.refused, report.backlog_left) == (6, 1, 0)
+    assert "input longer than 4000" in (report.last_refusal or "")
+    stored = dict(conn.execute("SELECT session_id, embedding IS NOT NULL FROM conversations"))
+    assert stored == {**{f"s{i}": True for i in range(5)}, "long": False}
+    # Not cached as "no vector": a later model (or a shorter text) is asked again.
+    assert conn.execute("SELECT count(*) FROM embedding_cache").fetchone() == (5,)
+
+
 def test_a_dimension_mismatch_stops_before_any_write_and_names_the_fix(conn, postgres):
     upsert_conversations(conn, [record("a")])
     conn.execute("ALTER TABLE conversations ALTER COLUMN embedding TYPE vector(8)")

@@ -450,6 +450,26 @@ def test_ids_taken_by_calls_that_left_nothing_never_fill_the_inbox(conn, how):
     assert _count(conn, "SELECT count(*) FROM conversation_inbox") == 1
 
 
+def test_a_text_the_model_refuses_is_stored_without_a_vector(conn, postgres, model_server):
+    model_server.max_text_chars = 4000  # a model's context limit, in characters here
+    model_server.dimension = _count(
+        conn,
+        "SELECT atttypmod FROM pg_attribute WHERE attrelid = 'conversations'::regclass "
+        "AND attname = 'embedding'",
+    )
+    remote = EmbeddingResource(backend="openai", base_url=model_server.url, max_retries=0)
+    _client(conn)
+    _client(conn, "globex")
+    long = queue_conversation_storage(conn, "u", "web", "User: " + "漢" * 6000, client_code="acme")
+    short = _push(conn, 3, client="globex")
+
+    report = inbox.drain(postgres.pool, remote, max_attempts=1)
+
+    assert (report.stored, report.rejected, report.refused) == (4, 0, 1)
+    vectors = dict(conn.execute("SELECT id, embedding IS NOT NULL FROM conversations"))
+    assert vectors == {long: False, **{i: True for i in short}}
+
+
 def test_the_sql_function_is_callable_from_plain_psql(conn, db_url):
     _client(conn)
     script = """

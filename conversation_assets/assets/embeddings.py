@@ -32,6 +32,7 @@ def _embed_metadata(report: EmbedReport) -> dict[str, Any]:
         "cache_hits": report.cache_hits,
         "texts_sent_to_model": report.texts_sent,
         "empty_texts": report.empty,
+        "refused_texts": report.refused,
         "batches": report.batches,
         "requeued_for_model_change": report.requeued_for_model_change,
         "backlog_left": report.backlog_left,
@@ -65,6 +66,11 @@ def conversation_embeddings(
         max_input_chars=config.max_input_chars,
         progress=context.log.info,
     )
+    if report.refused:
+        context.log.warning(
+            f"the model refused {report.refused} texts (stored without a vector); "
+            f"last: {report.last_refusal}"
+        )
     record_pipeline_run(
         postgres.pool,
         run_id=context.run.run_id,

@@ -41,6 +41,7 @@ def _metadata(report: DrainReport) -> dict[str, Any]:
         "embedded": report.embedded,
         "cache_hits": report.cache_hits,
         "texts_sent_to_model": report.texts_sent,
+        "refused_texts": report.refused,
         "embed_ms": round(report.embed_seconds * 1000, 1),
         "pending_left": report.pending_left,
         "conversations_per_second": round(report.per_second),
@@ -74,6 +75,8 @@ def pushed_conversations(
         workers=config.workers,
         progress=context.log.info,
     )
+    if report.refused:
+        context.log.warning(f"the model refused {report.refused} texts: stored without a vector")
     for key, reason in report.rejects[:20]:
         context.log.warning(f"inbox item {key} moved to conversation_inbox_rejects: {reason}")
     record_pipeline_run(
