@@ -34,6 +34,11 @@ _WORD = re.compile(r"\w+")
 _CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 
 _MAX_SENTIMENT_MESSAGES = 50
+# VADER's time grows with the square of a text's length (1,000 characters of emoji and
+# CJK: 8 ms; 40,000: minutes): each message is read up to this, and the messages read
+# (newest first) up to the second figure.
+_SENTIMENT_CHARS_PER_MESSAGE = 1000
+_SENTIMENT_CHARS = 4000
 _LANGUAGE_CHARS = 2000
 # A language is stored only from this many letters of the user's text and this
 # confidence of the model (py3langid's normalised probability); otherwise NULL.
@@ -297,9 +302,18 @@ def _polarity(text: str) -> tuple[float, float, float, float]:
 
 
 def sentiment(texts: Sequence[str]) -> dict[str, float]:
-    """Mean VADER scores over the last 50 non-empty texts (meant for the user's messages)."""
-    usable = [text.strip() for text in texts if isinstance(text, str) and text.strip()]
-    usable = usable[-_MAX_SENTIMENT_MESSAGES:]
+    """Mean VADER scores over the last non-empty texts (meant for the user's messages):
+    at most 50, each up to 1,000 characters, 4,000 in all."""
+    usable: list[str] = []
+    budget = _SENTIMENT_CHARS
+    for text in reversed(texts):
+        if not isinstance(text, str) or not text.strip():
+            continue
+        if budget <= 0 or len(usable) == _MAX_SENTIMENT_MESSAGES:
+            break
+        kept = text.strip()[: min(_SENTIMENT_CHARS_PER_MESSAGE, budget)]
+        usable.append(kept)
+        budget -= len(kept)
     if not usable:
         return {"compound": 0.0, "pos": 0.0, "neu": 1.0, "neg": 0.0}
     totals = [0.0, 0.0, 0.0, 0.0]

@@ -402,3 +402,11 @@ def test_empty_session():
     assert content.metadata["duration_seconds"] is None
     assert content.metadata["language"] is None
     json.dumps(content.metadata)
+
+
+def test_sentiment_reads_each_message_up_to_a_bound_and_the_newest_first():
+    long = "thanks 🙏 but where is my parcel? 注文した商品がまだ届いていません " * 300
+    assert sentiment([long]) == sentiment([long[:1000]])
+    # 4,000 characters in all, newest first: older messages past it are not read.
+    recent = ["I love it, thank you so much!" * 40] * 4  # 1,160 characters each
+    assert sentiment(["this is awful and I hate it"] + recent) == sentiment(recent)
