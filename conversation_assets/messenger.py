@@ -862,13 +862,8 @@ class PageSync:
                 self.pool.connection() as conn,
                 locks.session_lock(conn, f"messenger_sync:{self.page.page_id}"),
             ):
-                self._check_client(conn)
+                self._start(conn)
                 self._reader = conn  # idle while the sync runs: the fetcher reads on it
-                self.clock = database_now(conn)
-                row = conn.execute(
-                    query("page_has_rejects"), {"page_id": self.page.page_id}
-                ).fetchone()
-                self.has_rejects = bool(row and row[0])
                 pending: deque[Future[None]] = deque()
                 writers = ThreadPoolExecutor(
                     self.options.writers, thread_name_prefix=f"messenger-write-{self.page.page_id}"
@@ -902,15 +897,15 @@ class PageSync:
             self._finish(started)
         return self.outcome
 
-    def _check_client(self, conn: psycopg.Connection) -> None:
+    def _start(self, conn: psycopg.Connection) -> None:
         page = self.page
-        row = conn.execute(
-            query("page_client_conflict"),
+        other, self.has_rejects, self.clock = conn.execute(
+            query("page_sync_start"),
             {"page_id": page.page_id, "client_code": page.client_code},
-        ).fetchone()
-        if row is not None:
+        ).fetchone()  # type: ignore[misc]
+        if other is not None:
             raise ClientConflict(
-                f"page {page.page_id}: its threads are stored under client {row[0]}, but "
+                f"page {page.page_id}: its threads are stored under client {other}, but "
                 f"messenger_pages now gives {page.client_code}; a sync never moves a "
                 "conversation to another client (give the page its client back, or delete "
                 "its rows first)"

@@ -56,7 +56,7 @@ FROM STDIN WITH (FORMAT BINARY);
 -- One statement per API page of threads. A row is rewritten only when a field
 -- changed, and never by an older view of the thread; a thread seen again after
 -- it was marked deleted is live again. A thread stored under another client is left
--- alone (the sync checks that first, see page_client_conflict): a write never moves a
+-- alone (the sync checks that first, see page_sync_start): a write never moves a
 -- conversation across tenants. Answers the threads written.
 INSERT INTO messenger_conversations AS m (
     page_id, sender_id, client_code, thread_id, participant_name, updated_time,
@@ -238,16 +238,17 @@ DELETE FROM messenger_rejects AS r
 USING unnest(%(kinds)s::text[], %(keys)s::text[]) AS k(kind, key)
 WHERE r.page_id = %(page_id)s AND r.item_kind = k.kind AND r.item_key = k.key;
 
--- name: page_client_conflict
--- A client other than the page's own holding its threads (the page was registered
--- again under another client): the sync stops rather than move them.
-SELECT m.client_code
-FROM messenger_conversations AS m
-WHERE m.page_id = %(page_id)s AND m.client_code <> %(client_code)s
-LIMIT 1;
-
--- name: page_has_rejects
-SELECT EXISTS (SELECT 1 FROM messenger_rejects WHERE page_id = %(page_id)s);
+-- name: page_sync_start
+-- What a page's sync reads before its first call, in one round trip: another client
+-- holding its threads (the page was registered again under another one: the sync
+-- stops rather than move them), whether it has rejects to clear, and the clock no
+-- watermark may pass.
+SELECT (SELECT m.client_code
+        FROM messenger_conversations AS m
+        WHERE m.page_id = %(page_id)s AND m.client_code <> %(client_code)s
+        LIMIT 1),
+       EXISTS (SELECT 1 FROM messenger_rejects AS r WHERE r.page_id = %(page_id)s),
+       now();
 
 -- name: peek_messenger_queue
 SELECT q.page_id, q.sender_id, q.version
