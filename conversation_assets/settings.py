@@ -20,7 +20,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import dagster as dg
-from pydantic import AfterValidator, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -144,7 +151,13 @@ class Settings(BaseSettings):
         "`ALTER SYSTEM` overrides them. A `DATABASE_URL` server keeps its own settings.",
     )
     pg_pool_min_size: int = Field(default=1, ge=0, description="Connections the pool keeps open.")
-    pg_pool_max_size: int = Field(default=10, ge=1, description="Most connections the pool opens.")
+    pg_pool_max_size: int = Field(
+        default=10,
+        ge=3,
+        description="Most connections the pool opens; at least 3 (a run holds a lock's "
+        "connection and works on two more: the conversation builder's read and write, a "
+        "Messenger page's writers).",
+    )
     pg_pool_max_lifetime_seconds: Seconds = Field(
         default=3600, description="A pooled connection is replaced after this long."
     )
@@ -370,6 +383,19 @@ class Settings(BaseSettings):
         "when an inbox check fails or a run fails (`alert_webhook_sensor`). Unset: no call, "
         "and that sensor starts stopped.",
     )
+
+    @field_validator(
+        "inbox_age_critical_seconds", "inbox_depth_critical", "enqueue_p99_critical_ms"
+    )
+    @classmethod
+    def _critical_not_below_warning(cls, value: float, info: ValidationInfo) -> float:
+        """A critical threshold below its warning would turn health critical while the
+        check still passes."""
+        warning_name = (info.field_name or "").replace("critical", "warning")
+        warning = info.data.get(warning_name)
+        if warning is not None and value < warning:
+            raise ValueError(f"must not be below {warning_name.upper()} ({warning})")
+        return value
 
 
 SECRETS = frozenset(

@@ -38,7 +38,7 @@ VALUES: dict[str, tuple[list[str], str | None]] = {
     "DISCOVERY_RECONCILE_MINUTES": (["15", "0"], "soon"),
     "EMBEDDED_PGDATA": (["/var/lib/cp", "data/pg"], None),
     "PG_POOL_MIN_SIZE": (["1", "0"], "-1"),
-    "PG_POOL_MAX_SIZE": (["10", "1"], "0"),
+    "PG_POOL_MAX_SIZE": (["10", "3"], "2"),
     "PG_POOL_MAX_LIFETIME_SECONDS": (["3600"], "0"),
     "PG_STATEMENT_TIMEOUT_MS": (["300000", "0"], "5s"),
     "PG_IDLE_IN_TRANSACTION_TIMEOUT_MS": (["60000", "0"], "1.5"),
@@ -269,3 +269,20 @@ def test_readme_documents_every_setting_with_its_default():
     rows = re.findall(r"^\| `([A-Z0-9_]+)` \| ([^|]+) \| ([^|]+) \|$", readme, flags=re.MULTILINE)
     table = {name: (default.strip(), meaning.strip()) for name, default, meaning in rows}
     assert table == settings.documented()
+
+
+@pytest.mark.parametrize(
+    ("warning", "critical"),
+    [
+        ("INBOX_AGE_WARNING_SECONDS", "INBOX_AGE_CRITICAL_SECONDS"),
+        ("INBOX_DEPTH_WARNING", "INBOX_DEPTH_CRITICAL"),
+        ("ENQUEUE_P99_WARNING_MS", "ENQUEUE_P99_CRITICAL_MS"),
+    ],
+)
+def test_a_critical_threshold_below_its_warning_is_refused(clean_env, warning, critical):
+    clean_env.setenv(warning, "600")
+    clean_env.setenv(critical, "300")
+    with pytest.raises(settings.SettingError, match=f"{critical}=.*must not be below {warning}"):
+        settings.load()
+    clean_env.setenv(critical, "600")
+    assert settings.load()
