@@ -8,6 +8,7 @@ import dagster as dg
 
 from conversation_assets import settings
 from conversation_assets.discovery import probe_new_work
+from conversation_assets.partitions import daily_partitions
 from conversation_assets.queries import query
 from jobs import (
     INCREMENTAL_RUN_CONFIG,
@@ -91,6 +92,8 @@ def _refresh_schedule(
         context: dg.ScheduleEvaluationContext, postgres: PostgresResource
     ) -> dg.RunRequest | dg.SkipReason:
         start, key = period(context.scheduled_execution_time.astimezone(UTC))
+        if start < daily_partitions.start:  # hours and days start together
+            return dg.SkipReason(f"{key} is before the partitions' first day")
         with postgres.connection() as conn:
             row = conn.execute(query(block), {"start": start}).fetchone()
         if row and row[0]:

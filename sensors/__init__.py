@@ -3,7 +3,7 @@
 import hashlib
 import json
 from collections.abc import Iterable
-from datetime import UTC, datetime, time, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import dagster as dg
@@ -13,7 +13,7 @@ from conversation_assets.discovery import probe_new_work
 from conversation_assets.embedding import backlog_size
 from conversation_assets.enrichment import pending_dirty_periods
 from conversation_assets.inbox import has_items
-from conversation_assets.partitions import partition_keys_for
+from conversation_assets.partitions import daily_partitions, partition_keys_for
 from conversation_assets.queries import query
 from jobs import (
     INCREMENTAL_RUN_CONFIG,
@@ -196,7 +196,7 @@ enrichment_queue_sensor = build_enrichment_queue_sensor()
 
 
 def build_metrics_sensor() -> dg.SensorDefinition:
-    first = datetime.combine(settings.load().discovery_partitions_start, time(), UTC)
+    first = daily_partitions.start
 
     @dg.sensor(
         name="metrics_sensor",

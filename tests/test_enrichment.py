@@ -26,6 +26,7 @@ from conversation_assets.enrichment import (
     refresh_metrics,
     refresh_performance,
 )
+from conversation_assets.partitions import daily_partitions
 from conversation_assets.store import conversation_id, upsert_conversations
 from jobs import INCREMENTAL_RUN_CONFIG
 from resources.summarizer import SummarizerResource
@@ -659,6 +660,17 @@ def _requested(schedule, postgres, tick: datetime) -> list[str]:
     ) as context:
         data = schedule.evaluate_tick(context)
     return [r.partition_key for r in data.run_requests or []]
+
+
+def test_the_refresh_schedules_skip_a_period_before_the_partitions_first_day(conn, postgres):
+    first = daily_partitions.start
+    conn.execute(
+        "INSERT INTO metrics_dirty_periods (kind, period_start) VALUES ('day', %s), ('hour', %s)",
+        (first - timedelta(days=1), first - timedelta(hours=1)),
+    )
+    # The first ticks: the day and the hour that just ended have no partition.
+    assert _requested(build_metrics_schedule(), postgres, first + timedelta(minutes=30)) == []
+    assert _requested(performance_stats_schedule, postgres, first + timedelta(minutes=5)) == []
 
 
 def test_metrics_and_performance_schedules_run_only_when_something_changed(
