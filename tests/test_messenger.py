@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import dagster as dg
+import psycopg
 import pytest
 
 from conversation_assets import graph_sim, reads
@@ -282,6 +283,15 @@ def test_pages_sensor_keeps_partitions_in_step_with_the_table(conn, postgres, in
     instance.delete_dynamic_partition("messenger_pages", GLOBEX)
     again = tick()
     assert isinstance(again, dg.SkipReason)
+
+
+@pytest.mark.parametrize("page_id", [".", "..", "a b", "../me", "x" * 65])
+def test_a_page_id_that_is_no_safe_path_segment_is_refused(conn, page_id):
+    with pytest.raises(psycopg.errors.CheckViolation):
+        conn.execute(
+            "INSERT INTO messenger_pages (page_id, client_code) VALUES (%s, 'acme')", (page_id,)
+        )
+    conn.execute("INSERT INTO messenger_pages (page_id, client_code) VALUES ('1...2', 'acme')")
 
 
 def test_sync_sensor_requests_one_run_for_exactly_the_pages_that_changed(

@@ -1,0 +1,1 @@
+ALTER TABLE messenger_pages DROP CONSTRAINT IF EXISTS messenger_pages_page_id_not_dot_segment;
