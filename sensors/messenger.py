@@ -11,7 +11,7 @@ from conversation_assets import settings
 from conversation_assets.assets.messenger import (
     messenger_pages_partitions,
     partition_changes,
-    sync_run_request,
+    sync_run_requests,
 )
 from conversation_assets.messenger import (
     database_now,
@@ -63,14 +63,15 @@ def build_messenger_sync_sensor(job: Any) -> dg.SensorDefinition:
         minimum_interval_seconds=settings.load().messenger_sensor_interval_seconds,
         default_status=default_status(),
         description="Probes each enabled page with one light Graph API call and requests "
-        "one incremental run covering every page with new or changed threads (or due for "
-        "its periodic full sync); none while a sync runs or for a page told to wait.",
+        "an incremental run for the pages with new or changed threads (or due for their "
+        "periodic full sync), one per block of neighbouring partitions, so a run covers only "
+        "pages it syncs; none while a sync runs or for a page told to wait.",
     )
     def messenger_sync_sensor(
         context: dg.SensorEvaluationContext,
         postgres: PostgresResource,
         messenger: MessengerResource,
-    ) -> dg.RunRequest | dg.SkipReason:
+    ) -> dg.SensorResult | dg.SkipReason:
         if runs(context, job, ACTIVE):
             return dg.SkipReason("a Messenger sync is under way")
         partitions = context.instance.get_dynamic_partitions(messenger_pages_partitions.name)
@@ -107,9 +108,9 @@ def build_messenger_sync_sensor(job: Any) -> dg.SensorDefinition:
                 except (GraphApiError, psycopg.Error) as error:
                     # One page's trouble is that page's: the others are still probed.
                     context.log.warning(scrub(str(error), secrets))
-        request = sync_run_request(due, list(partitions))
-        if request is None:
+        requests = sync_run_requests(due, list(partitions))
+        if not requests:
             return dg.SkipReason("no page has changes to sync")
-        return request
+        return dg.SensorResult(run_requests=requests)
 
     return messenger_sync_sensor

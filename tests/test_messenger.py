@@ -79,6 +79,15 @@ def materialize(postgres, sim, instance, partition, *, config=None, tokens=None,
     )
 
 
+def _ranges(tick) -> list[tuple[str, str]]:
+    """The partition range of each run a sensor tick requested (none for a skip)."""
+    requests = getattr(tick, "run_requests", None) or []
+    return [
+        (r.tags["dagster/asset_partition_range_start"], r.tags["dagster/asset_partition_range_end"])
+        for r in requests
+    ]
+
+
 def synced_with_sensor(conn, postgres, sim, instance) -> dg.SensorDefinition:
     """The three pages registered and fully synced; the sync sensor to tick."""
     register(conn, instance)
@@ -294,7 +303,7 @@ def test_a_page_id_that_is_no_safe_path_segment_is_refused(conn, page_id):
     conn.execute("INSERT INTO messenger_pages (page_id, client_code) VALUES ('1...2', 'acme')")
 
 
-def test_sync_sensor_requests_one_run_for_exactly_the_pages_that_changed(
+def test_sync_sensor_requests_runs_for_exactly_the_pages_that_changed(
     conn, postgres, sim, instance
 ):
     sensor = synced_with_sensor(conn, postgres, sim, instance)
@@ -312,21 +321,22 @@ def test_sync_sensor_requests_one_run_for_exactly_the_pages_that_changed(
     sim.add_message(next(iter(sim.pages[ACME].threads.values())), "hello again")
     sim.add_thread(INITECH, "Someone new")
 
-    request = tick()
+    result = tick()
 
-    assert isinstance(request, dg.RunRequest)
-    assert request.tags["dagster/asset_partition_range_start"] == ACME
-    assert request.tags["dagster/asset_partition_range_end"] == INITECH
-    config = request.run_config["ops"]["messenger_sync"]["config"]
-    assert config["mode"] == "incremental" and config["pages"] == [ACME, INITECH]
-    result = dg.materialize(
-        [messenger_sync, messenger_transcripts],
-        instance=instance,
-        resources=resources(postgres, sim),
-        run_config=request.run_config,
-        tags=request.tags,
-    )
-    assert result.success
+    # GLOBEX, between the two, did not change: one run per block of due pages, so no
+    # run covers a page it does not sync.
+    assert _ranges(result) == [(ACME, ACME), (INITECH, INITECH)]
+    for request in result.run_requests:
+        config = request.run_config["ops"]["messenger_sync"]["config"]
+        assert config["mode"] == "incremental"
+        run = dg.materialize(
+            [messenger_sync, messenger_transcripts],
+            instance=instance,
+            resources=resources(postgres, sim),
+            run_config=request.run_config,
+            tags=request.tags,
+        )
+        assert run.success
     assert isinstance(tick(), dg.SkipReason)
 
 
@@ -347,10 +357,9 @@ def test_one_pages_bad_answer_or_bad_rows_never_stop_the_sensor_for_the_others(
     )
 
     with dg.build_sensor_context(instance=instance, resources=resources(postgres, sim)) as context:
-        request = sensor(context)
+        result = sensor(context)
 
-    assert isinstance(request, dg.RunRequest)
-    assert request.run_config["ops"]["messenger_sync"]["config"]["pages"] == [GLOBEX]
+    assert _ranges(result) == [(GLOBEX, GLOBEX)]
 
 
 def test_an_unusable_token_entry_fails_its_own_page_and_never_shows(
@@ -426,6 +435,43 @@ def test_more_pages_at_once_than_the_pool_serves_are_synced_in_turn(conn, instan
     assert conn.execute("SELECT count(*) FROM messenger_conversations").fetchone() == (18,)
 
 
+@pytest.mark.parametrize(
+    ("left_out", "why"),
+    [("disabled", "disabled in messenger_pages"), ("config", "not among the run's `pages`")],
+)
+def test_a_range_run_marks_materialized_only_the_pages_it_synced(
+    conn, postgres, sim, instance, left_out, why
+):
+    register(conn, instance)
+    config = None
+    if left_out == "disabled":
+        conn.execute("UPDATE messenger_pages SET enabled = false WHERE page_id = %s", (GLOBEX,))
+    else:
+        config = {"ops": {"messenger_sync": {"config": {"pages": [ACME, INITECH]}}}}
+    span = {
+        "dagster/asset_partition_range_start": ACME,
+        "dagster/asset_partition_range_end": INITECH,
+    }
+
+    result = materialize(postgres, sim, instance, None, config=config, tags=span)
+
+    assert not result.success  # GLOBEX is a partition of the run it did not sync
+    assert f"page {GLOBEX}: {why}" in _texts(result, instance)
+    recorded = {
+        (m.asset_key.to_user_string(), m.partition)
+        for m in (
+            e.event_specific_data.materialization
+            for e in result.all_events
+            if e.event_type_value == "ASSET_MATERIALIZATION"
+        )
+    }
+    assert recorded == {
+        (key, page)
+        for key in ("messenger_conversations", "contact_interaction_events")
+        for page in (ACME, INITECH)
+    }
+
+
 def test_a_throttled_page_is_left_alone_until_it_may_call_again(conn, postgres, sim, instance):
     register(conn, instance)
     assert materialize(postgres, sim, instance, ACME).success
@@ -444,10 +490,7 @@ def test_a_throttled_page_is_left_alone_until_it_may_call_again(conn, postgres, 
     sensor = build_messenger_sync_sensor(messenger_sync_job)
     with dg.build_sensor_context(instance=instance, resources=resources(postgres, sim)) as context:
         tick = sensor(context)
-    assert (
-        isinstance(tick, dg.SkipReason)
-        or ACME not in tick.run_config["ops"]["messenger_sync"]["config"]["pages"]
-    )
+    assert all(ACME not in (start, end) for start, end in _ranges(tick))
 
 
 def test_the_resource_reads_tokens_from_a_mounted_file(tmp_path):

@@ -43,8 +43,8 @@ class MessengerSyncConfig(dg.Config):
     )
     pages: list[str] = Field(
         default_factory=list,
-        description="Only these pages of the run's partitions (all of them if empty): the "
-        "sensor's run covers a range of partitions and names the pages that changed.",
+        description="Only these pages of the run's partitions (all of them if empty); the "
+        "others are not synced, and the run fails naming them (none is marked materialized).",
     )
     overlap_seconds: int = Field(
         default_factory=lambda: settings.load().messenger_overlap_seconds,
@@ -139,6 +139,7 @@ def messenger_sync(
     stop the others; its progress is kept and the run fails at the end naming it."""
     keys = list(context.partition_keys)
     wanted = [k for k in keys if not config.pages or k in config.pages]
+    left_out = [k for k in keys if k not in wanted]
     try:
         found = messenger.load_tokens()
     except MessengerTokenError as error:
@@ -205,7 +206,12 @@ def messenger_sync(
         thread_name_prefix="messenger-page",
     ) as side_by_side:
         outcomes: list[PageOutcome] = list(side_by_side.map(sync_one, wanted))
-    failed = [o for o in outcomes if o.status in ("failed", "throttled")]
+    # A partition of the run not synced (failed, throttled, skipped, or left out by
+    # `pages`) must not show as materialized: the synced ones are recorded one by one
+    # and the run fails naming the others.
+    failed = [o for o in outcomes if o.status != "ok"] + [
+        _skipped(k, f"page {k}: not among the run's `pages`") for k in left_out
+    ]
     done = [o for o in outcomes if o.status == "ok"]
     metadata: dict[str, Any] = {
         **_totals(outcomes),
@@ -223,7 +229,12 @@ def messenger_sync(
                     asset_key=key, partition=outcome.page_id, metadata=_flat(outcome)
                 )
         raise dg.Failure(
-            description="; ".join(o.error or f"page {o.page_id}: {o.status}" for o in failed),
+            description="; ".join(
+                o.error
+                if (o.error or "").startswith(f"page {o.page_id}")
+                else f"page {o.page_id}: {o.error or o.status}"
+                for o in failed
+            ),
             metadata={"pages": metadata["pages"]},
         )
     for key in (THREADS, EVENTS):
@@ -293,26 +304,36 @@ def partition_changes(registered: list[str], existing: list[str]) -> tuple[list[
     return [p for p in registered if p not in known], [p for p in existing if p not in pages]
 
 
-def sync_run_request(
+def sync_run_requests(
     due: list[str], partition_order: list[str], *, now: datetime | None = None
-) -> dg.RunRequest | None:
-    """One run over the partition range spanning every due page, naming them in config
-    (the pages between them are not synced)."""
-    ordered = [p for p in partition_order if p in set(due)]
-    if not ordered:
-        return None
+) -> list[dg.RunRequest]:
+    """One run per block of due pages that are neighbours in the partitions' order: a
+    run's range holds only pages it syncs, so every partition it marks materialized
+    was synced (a page between two due ones may be throttled or lack its token)."""
+    wanted = set(due)
+    blocks: list[list[str]] = []
+    previous_due = False
+    for page_id in partition_order:
+        if page_id in wanted:
+            if not previous_due:
+                blocks.append([])
+            blocks[-1].append(page_id)
+        previous_due = page_id in wanted
     stamp = (now or datetime.now(UTC)).strftime("%Y%m%dT%H%M%S")
-    return dg.RunRequest(
-        run_key=f"messenger:{stamp}:{','.join(ordered)}"[:500],
-        run_config=dg.RunConfig(
-            ops={
-                "messenger_sync": MessengerSyncConfig(mode="incremental", pages=ordered),
-                "messenger_transcripts": MessengerTranscriptsConfig(mode="incremental"),
-            }
-        ),
-        tags={
-            "dagster/asset_partition_range_start": ordered[0],
-            "dagster/asset_partition_range_end": ordered[-1],
-            "messenger/pages": str(len(ordered)),
-        },
-    )
+    return [
+        dg.RunRequest(
+            run_key=f"messenger:{stamp}:{block[0]}..{block[-1]}",
+            run_config=dg.RunConfig(
+                ops={
+                    "messenger_sync": MessengerSyncConfig(mode="incremental"),
+                    "messenger_transcripts": MessengerTranscriptsConfig(mode="incremental"),
+                }
+            ),
+            tags={
+                "dagster/asset_partition_range_start": block[0],
+                "dagster/asset_partition_range_end": block[-1],
+                "messenger/pages": str(len(block)),
+            },
+        )
+        for block in blocks
+    ]
