@@ -79,6 +79,18 @@ def materialize(postgres, sim, instance, partition, *, config=None, tokens=None,
     )
 
 
+def _materialized(result: dg.ExecuteInProcessResult) -> set[tuple[str, str | None]]:
+    """(asset, partition) of every materialization the run recorded."""
+    return {
+        (m.asset_key.to_user_string(), m.partition)
+        for m in (
+            e.event_specific_data.materialization
+            for e in result.all_events
+            if e.event_type_value == "ASSET_MATERIALIZATION"
+        )
+    }
+
+
 def _ranges(tick) -> list[tuple[str, str]]:
     """The partition range of each run a sensor tick requested (none for a skip)."""
     requests = getattr(tick, "run_requests", None) or []
@@ -152,14 +164,7 @@ def test_a_run_covering_pages_syncs_each_and_an_invalid_token_fails_only_its_pag
         conn.execute("SELECT page_id, count(*) FROM messenger_conversations GROUP BY 1").fetchall()
     )
     assert synced == {ACME: 6, INITECH: 6}
-    recorded = {
-        (e.asset_key.to_user_string(), e.partition)
-        for e in (
-            m.event_specific_data.materialization
-            for m in result.all_events
-            if m.event_type_value == "ASSET_MATERIALIZATION"
-        )
-    }
+    recorded = _materialized(result)
     assert ("messenger_conversations", ACME) in recorded
     assert ("messenger_conversations", GLOBEX) not in recorded
     text = _texts(result, instance) + caplog.text
@@ -457,14 +462,7 @@ def test_a_range_run_marks_materialized_only_the_pages_it_synced(
 
     assert not result.success  # GLOBEX is a partition of the run it did not sync
     assert f"page {GLOBEX}: {why}" in _texts(result, instance)
-    recorded = {
-        (m.asset_key.to_user_string(), m.partition)
-        for m in (
-            e.event_specific_data.materialization
-            for e in result.all_events
-            if e.event_type_value == "ASSET_MATERIALIZATION"
-        )
-    }
+    recorded = _materialized(result)
     assert recorded == {
         (key, page)
         for key in ("messenger_conversations", "contact_interaction_events")
