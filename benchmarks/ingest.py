@@ -3,7 +3,10 @@ drain throughput with the local model, beside the synchronous "before" (the same
 store-and-embed work done inside the request), on the same data in the same run.
 
 Run: ``python benchmarks/ingest.py [--calls 400] [--writers 1,10,100] [--processes 4]
-[--drain 20000] [--before 500] [--keep-db] [--shared-buffers 4GB]``.
+[--drain 20000] [--before 500] [--remote-ms 150] [--keep-db] [--shared-buffers 4GB]``.
+The "before" runs with the local model, then (one writer) with a local
+OpenAI-compatible endpoint answering `--remote-ms` late, as the replaced approach's
+remote embedding call did.
 Writers run in separate processes (threads in each, one connection per writer) over
 the local socket, each calling `inbox.queue_conversation_storage` in a closed loop
 (the next call as soon as one returns: the heaviest load W writers can make), then
@@ -21,13 +24,17 @@ import statistics
 import threading
 import time
 from collections.abc import Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import numpy as np
+import orjson
 import psycopg
 from discovery import add_server_arguments, database, load_average, machine, server_settings
 from pgvector.psycopg import register_vector
 
 from conversation_assets import inbox, migrate
+from conversation_assets.embedding import column_dimension
 from conversation_assets.inbox import InboxItem, record_for
 from conversation_assets.queries import query
 from conversation_assets.store import content_hash, upsert_conversations
@@ -73,7 +80,14 @@ def percentiles(samples: Sequence[float]) -> dict[str, float]:
 
 
 def _writer_process(
-    url: str, threads: int, calls: int, first: int, pace_ms: float, out: Any, way: str
+    url: str,
+    threads: int,
+    calls: int,
+    first: int,
+    pace_ms: float,
+    out: Any,
+    way: str,
+    remote: str | None = None,
 ) -> None:
     """`threads` writers, one connection each; their latencies (ms) go to `out`.
 
@@ -83,7 +97,11 @@ def _writer_process(
     they do not all call at the same instant."""
     latencies: list[list[float]] = [[] for _ in range(threads)]
     ready = threading.Barrier(threads + 1)
-    embedder = EmbeddingResource()
+    embedder = (
+        EmbeddingResource(backend="openai", base_url=remote, api_key="bench", max_retries=0)
+        if remote
+        else EmbeddingResource()
+    )
     if way == "before":
         embedder.embed(["warm up"])
 
@@ -158,6 +176,7 @@ def run_writers(
     processes: int,
     pace_ms: float,
     way: str = "enqueue",
+    remote: str | None = None,
 ) -> dict[str, float]:
     """W writers spread over up to `processes` processes; latency percentiles (ms) and
     calls per second."""
@@ -169,7 +188,7 @@ def run_writers(
     offset = first
     for share in shares:
         child = context.Process(
-            target=_writer_process, args=(url, share, calls, offset, pace_ms, out, way)
+            target=_writer_process, args=(url, share, calls, offset, pace_ms, out, way, remote)
         )
         child.start()
         children.append(child)
@@ -183,6 +202,47 @@ def run_writers(
     figures["per_second"] = len(samples) / seconds
     figures["calls"] = len(samples)
     return figures
+
+
+class _RemoteModel(ThreadingHTTPServer):
+    """An OpenAI-compatible embeddings endpoint answering `delay` seconds after a call,
+    as the replaced approach's remote model did (about 150 ms a call)."""
+
+    daemon_threads = True
+
+    def __init__(self, delay: float, dimension: int) -> None:
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                payload = orjson.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                time.sleep(server.delay)
+                data = [
+                    {"index": i, "embedding": _pseudo_vector(text, server.dimension)}
+                    for i, text in enumerate(payload["input"])
+                ]
+                body = orjson.dumps({"object": "list", "data": data})
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.delay, self.dimension = delay, dimension
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return "http://{}:{}".format(*self.server_address[:2])
+
+
+def _pseudo_vector(text: str, dimension: int) -> list[float]:
+    values = np.random.default_rng(int.from_bytes(content_hash(text)[:8], "big"))
+    return values.standard_normal(dimension).astype(np.float32).tolist()
 
 
 def _vector_floor(conn: psycopg.Connection, count: int, batch_size: int) -> str:
@@ -234,6 +294,13 @@ def main() -> None:
     )
     parser.add_argument("--batch-size", type=int, default=1000)
     parser.add_argument("--before", type=int, default=300, help="Calls per writer, before.")
+    parser.add_argument(
+        "--remote-ms",
+        type=float,
+        default=150.0,
+        help="The before again with a remote model answering this late (the replaced "
+        "approach's ~150 ms embedding call), one writer; 0 skips it.",
+    )
     parser.add_argument("--keep-db", action="store_true")
     add_server_arguments(parser)
     args = parser.parse_args()
@@ -288,6 +355,24 @@ def main() -> None:
                 f"  the app's path, one writer, p50: before {before_figures[1]['p50']:.3f} ms, "
                 f"enqueue {ours:.3f} ms ({before_figures[1]['p50'] / ours:.1f}x less), "
                 f"floor {floor:.3f} ms ({before_figures[1]['p50'] / floor:.1f}x less)"
+            )
+
+        if args.remote_ms and 1 in before_figures and ("enqueue", 1) in enqueue:
+            with psycopg.connect(url) as conn:
+                dimension = column_dimension(conn)
+            model = _RemoteModel(args.remote_ms / 1000, dimension)
+            calls = max(10, min(args.before, 50))
+            try:
+                remote = run_writers(url, 1, calls, first, 1, 0.0, "before", model.url)
+            finally:
+                model.shutdown()
+            first += calls
+            ours = enqueue["enqueue", 1]["p50"]
+            print(_line(f"  1 writer, remote model {args.remote_ms:g} ms", remote))
+            print(
+                f"  the app's path against it, one writer, p50: {remote['p50'] / ours:.0f}x less "
+                f"(against the local model in the request: "
+                f"{before_figures[1]['p50'] / ours:.1f}x)"
             )
 
         resource = PostgresResource(database_url=url, pool_max_size=4)
