@@ -439,12 +439,12 @@ def metrics_vs_recount(conn: psycopg.Connection, window: Window) -> RecountRepor
 
 
 def pending_dirty_periods(
-    conn: psycopg.Connection, before: datetime, limit: int = 500
+    conn: psycopg.Connection, since: datetime, before: datetime, limit: int = 500
 ) -> list[tuple[str, datetime, str]]:
-    """Days and hours (starting before ``before``) whose metrics are stale, with what
-    identifies their mark (its version and when it was made: a period marked again
-    after a refresh cleared it must not look like the mark that refresh took)."""
-    return [
-        (row[0], row[1], row[2])
-        for row in conn.execute(query("pending_dirty_periods"), {"before": before, "limit": limit})
-    ]
+    """Days and hours (starting from ``since``, before ``before``) whose metrics are
+    stale, with what identifies their mark (its version and when it was made: a period
+    marked again after a refresh cleared it must not look like the mark that refresh
+    took)."""
+    params = {"since": since, "before": before, "limit": limit}
+    rows = conn.execute(query("pending_dirty_periods"), params)
+    return [(row[0], row[1], row[2]) for row in rows]

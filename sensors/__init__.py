@@ -213,12 +213,14 @@ def build_metrics_sensor() -> dg.SensorDefinition:
         now = datetime.now(UTC)
         this_hour = now.replace(minute=0, second=0, microsecond=0)
         with postgres.connection() as conn:
-            stale = pending_dirty_periods(conn, before=now, limit=METRICS_PERIODS_PER_TICK)
+            stale = pending_dirty_periods(
+                conn, since=first, before=now, limit=METRICS_PERIODS_PER_TICK
+            )
         marks: dict[str, list[tuple[datetime, str]]] = {"day": [], "hour": []}
         for kind, start, version in stale:
             start = start.astimezone(UTC)
-            if start >= first and not (kind == "hour" and start >= this_hour):
-                marks[kind].append((start, version))  # else outside the partitions, or not over
+            if not (kind == "hour" and start >= this_hour):
+                marks[kind].append((start, version))  # else the hour is not over
         requests = []
         for kind, job, key_format in (
             ("day", metrics_job, "%Y-%m-%d"),

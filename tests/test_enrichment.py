@@ -31,7 +31,7 @@ from conversation_assets.store import conversation_id, upsert_conversations
 from jobs import INCREMENTAL_RUN_CONFIG
 from resources.summarizer import SummarizerResource
 from schedules import build_metrics_schedule, performance_stats_schedule
-from sensors import build_metrics_sensor
+from sensors import METRICS_PERIODS_PER_TICK, build_metrics_sensor
 from tests.sources import DAY, add_crew, record, run_pipeline, say, stats_flush
 
 EVERY_DAY = (datetime(2026, 11, 1, tzinfo=UTC), datetime(2026, 12, 1, tzinfo=UTC))
@@ -660,6 +660,30 @@ def _requested(schedule, postgres, tick: datetime) -> list[str]:
     ) as context:
         data = schedule.evaluate_tick(context)
     return [r.partition_key for r in data.run_requests or []]
+
+
+def test_marks_before_the_first_partition_never_hide_a_recent_one(conn, postgres):
+    first = daily_partitions.start
+    # Older history (say, a Messenger page's years of threads) marks days no partition
+    # holds, more than a tick reads; one recent day is stale too.
+    conn.execute(
+        """INSERT INTO metrics_dirty_periods (kind, period_start)
+           SELECT 'day', %s - n * interval '1 day' FROM generate_series(1, %s) AS n""",
+        (first, METRICS_PERIODS_PER_TICK + 10),
+    )
+    recent = (datetime.now(UTC) - timedelta(days=3)).replace(hour=0, minute=0, second=0)
+    recent = recent.replace(microsecond=0)
+    conn.execute(
+        "INSERT INTO metrics_dirty_periods (kind, period_start) VALUES ('day', %s)", (recent,)
+    )
+
+    with dg.build_sensor_context(resources={"postgres": postgres}) as context:
+        result = build_metrics_sensor()(context)
+
+    ((start, end),) = [
+        (r.partition_key_range.start, r.partition_key_range.end) for r in result.run_requests
+    ]
+    assert start == end == recent.date().isoformat()
 
 
 def test_the_refresh_schedules_skip_a_period_before_the_partitions_first_day(conn, postgres):

@@ -299,10 +299,12 @@ WHERE kind = %(kind)s AND period_start >= %(window_start)s AND period_start < %(
 
 -- name: pending_dirty_periods
 -- A mark is known by its version and when it was made: a refresh deletes marks, and
--- a period marked again afterwards starts over at version 1.
+-- a period marked again afterwards starts over at version 1. Marks before the first
+-- partition (older history: no refresh ever clears them) are left out, else they
+-- would take the whole limit.
 SELECT kind, period_start, version || '@' || extract(epoch FROM marked_at) AS version
 FROM metrics_dirty_periods
-WHERE period_start < %(before)s
+WHERE period_start >= %(since)s AND period_start < %(before)s
 ORDER BY kind, period_start
 LIMIT %(limit)s;
 
