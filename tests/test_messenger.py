@@ -136,6 +136,16 @@ def test_a_launched_partition_syncs_that_page_fully_into_conversations(
         "SELECT client_code, channel, count(*) FROM conversations GROUP BY 1, 2"
     ).fetchall()
     assert rows == [("acme", "messenger", 6)]
+    # Recorded like every asset's run: the metrics server's last success covers them.
+    runs = conn.execute("SELECT asset, partition_key, items FROM pipeline_runs ORDER BY 1")
+    assert runs.fetchall() == [
+        ("messenger_conversations", ACME, 6),
+        ("messenger_transcripts", ACME, 6),
+    ]
+    assert {row[0] for row in conn.execute("SELECT asset FROM asset_last_success")} == {
+        "messenger_conversations",
+        "messenger_transcripts",
+    }
 
 
 def test_a_run_covering_pages_syncs_each_and_an_invalid_token_fails_only_its_page(

@@ -100,6 +100,7 @@ def test_metrics_endpoint_serves_every_family_from_the_database(conn, db_url, po
         "embedding_backlog",
         "enrichment_queue",
         "metrics_dirty_periods",
+        "messenger_queue",
     }
     latency = families[prefix + "operation_duration_seconds"]
     assert latency.type == "histogram"

@@ -2,6 +2,7 @@
 as conversations. Partitioned by page (dynamic partitions mirroring
 `messenger_pages`), so the UI syncs or backfills one page, some, or all."""
 
+import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
@@ -22,6 +23,7 @@ from conversation_assets.messenger import (
     sync_page,
 )
 from conversation_assets.messenger_api import scrub
+from conversation_assets.runs import record_pipeline_run
 from resources.messenger import MessengerResource, MessengerTokenError
 from resources.postgres import PostgresResource
 
@@ -137,6 +139,7 @@ def messenger_sync(
 
     A page that fails (an invalid token, a throttle longer than a run waits) does not
     stop the others; its progress is kept and the run fails at the end naming it."""
+    started = time.perf_counter()
     keys = list(context.partition_keys)
     wanted = [k for k in keys if not config.pages or k in config.pages]
     left_out = [k for k in keys if k not in wanted]
@@ -237,6 +240,15 @@ def messenger_sync(
             ),
             metadata={"pages": metadata["pages"]},
         )
+    record_pipeline_run(
+        postgres.pool,
+        run_id=context.run.run_id,
+        asset=THREADS.to_user_string(),
+        partition_key=keys[0] if len(keys) == 1 else None,
+        duration_ms=(time.perf_counter() - started) * 1000,
+        items=sum(o.threads_new + o.threads_updated for o in outcomes),
+        batches=sum(o.api_pages for o in outcomes),
+    )
     for key in (THREADS, EVENTS):
         yield dg.MaterializeResult(asset_key=key, metadata=metadata)
 
@@ -281,6 +293,16 @@ def messenger_transcripts(
         say=context.log.info,
     )
     written = report.written
+    keys = list(context.partition_keys)
+    record_pipeline_run(
+        postgres.pool,
+        run_id=context.run.run_id,
+        asset="messenger_transcripts",
+        partition_key=keys[0] if len(keys) == 1 else None,
+        duration_ms=report.seconds * 1000,
+        items=report.threads,
+        batches=report.batches,
+    )
     return dg.MaterializeResult(
         metadata={
             "mode": config.mode,

@@ -27,7 +27,9 @@ SELECT 'embedding_backlog', (SELECT count(*) FROM conversations AS c
 UNION ALL
 SELECT 'enrichment_queue', (SELECT count(*) FROM enrichment_queue)
 UNION ALL
-SELECT 'metrics_dirty_periods', (SELECT count(*) FROM metrics_dirty_periods);
+SELECT 'metrics_dirty_periods', (SELECT count(*) FROM metrics_dirty_periods)
+UNION ALL
+SELECT 'messenger_queue', (SELECT count(*) FROM messenger_conversation_queue);
 
 -- name: monitoring_latency
 -- Each operation's histogram: bucket upper bounds (seconds; the last, NULL, is
