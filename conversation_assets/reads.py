@@ -490,8 +490,8 @@ def soft_delete(
 
 
 def restore(conn: psycopg.Connection, client_code: str, conversation_id: uuid.UUID | str) -> bool:
-    """Undo soft_delete. A conversation deleted because its source rows are gone is not
-    restored (False): it comes back by itself when they do."""
+    """Undo soft_delete. A conversation whose source rows are gone is not restored
+    (False), whoever deleted it first: it comes back by itself when they do."""
     arguments.text("client_code", client_code)
     row = conn.execute(
         query("reads_restore"), {"id": _uuid(conversation_id), "client_code": client_code}

@@ -21,7 +21,7 @@ import pytest
 from psycopg import sql
 from psycopg_pool import ConnectionPool
 
-from conversation_assets import graph_sim
+from conversation_assets import graph_sim, reads
 from conversation_assets.graph_sim import GraphSim, Scripted
 from conversation_assets.messenger import (
     SyncOptions,
@@ -32,6 +32,7 @@ from conversation_assets.messenger import (
     sync_page,
 )
 from conversation_assets.messenger_api import GraphClient
+from conversation_assets.store import conversation_id
 
 ROOT = Path(__file__).resolve().parents[1]
 START = datetime(2026, 11, 20, 9, 0, tzinfo=UTC)
@@ -742,6 +743,28 @@ def test_every_thread_is_a_conversation_of_the_right_client(conn, pool, sim):
     # Nothing changed: a second build writes nothing, an incremental sync queues nothing.
     assert run(pool, sim).threads_updated == 0
     assert build_thread_conversations(pool, [PAGE, OTHER]).threads == 0
+
+
+def test_a_conversation_whose_thread_is_gone_is_not_restored(conn, pool, sim):
+    register(conn)
+    fill(sim, threads=3, messages=2)
+    assert run(pool, sim, "full").status == "ok"
+    build_thread_conversations(pool, [PAGE])
+    thread = sorted(sim.pages[PAGE].threads.values(), key=lambda t: t.id)[0]
+    conversation = conversation_id(crew_code(PAGE), thread.participant_id)
+    assert reads.soft_delete(conn, "acme", conversation)  # the product deletes it
+    sim.delete_thread(thread)  # then the platform does
+    assert run(pool, sim, "full").threads_deleted == 1
+    build_thread_conversations(pool, [PAGE])
+
+    assert not reads.restore(conn, "acme", conversation)
+
+    listed = reads.list_conversations(conn, "acme", page_size=50).items
+    assert conversation not in {item.id for item in listed}
+    # A thread still on the platform is restored as before.
+    other = sorted(sim.pages[PAGE].threads.values(), key=lambda t: t.id)[1]
+    kept = conversation_id(crew_code(PAGE), other.participant_id)
+    assert reads.soft_delete(conn, "acme", kept) and reads.restore(conn, "acme", kept)
 
 
 # --- kills ---------------------------------------------------------------------------------------

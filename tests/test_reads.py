@@ -273,6 +273,25 @@ def test_restore_refuses_deletions_made_because_the_source_is_gone(
     assert reads.get_conversation(conn, "acme", cid) is not None
 
 
+def test_restore_refuses_a_products_deletion_once_the_session_is_gone(
+    conn: psycopg.Connection,
+) -> None:
+    (cid,) = store(conn, record("s1"))
+    assert reads.soft_delete(conn, "acme", cid) is True  # the product deletes it first
+    # Then discovery finds the session's rows gone (its row stays, marked deleted).
+    conn.execute(
+        """INSERT INTO discovered_sessions (crew_code, session_id, client_code, message_count,
+               human_message_count, ai_message_count, first_message_id, last_message_id,
+               started_at, ended_at, time_source, deleted_at)
+           VALUES ('crew-a', 's1', 'acme', 2, 1, 1, 1, 2, now(), now(), 'created_at', now())"""
+    )
+
+    assert reads.restore(conn, "acme", cid) is False
+
+    conn.execute("UPDATE discovered_sessions SET deleted_at = NULL")  # its rows are back
+    assert reads.restore(conn, "acme", cid) is True
+
+
 def test_set_status_validates_and_a_rebuild_keeps_the_products_status(
     conn: psycopg.Connection,
 ) -> None:

@@ -135,11 +135,13 @@ WHERE c.id = %(id)s AND c.client_code = %(client_code)s AND c.deleted_at IS NULL
 RETURNING c.id;
 
 -- name: reads_restore
--- Only the product's deletions: a conversation whose source rows are gone
--- comes back when they do (the upsert undoes deleted_by = 'source').
+-- Only the product's deletions, and not while the source is gone: a conversation
+-- whose source rows are gone comes back when they do (the upsert undoes
+-- deleted_by = 'source'), also one the product deleted first.
 UPDATE conversations AS c
 SET deleted_at = NULL, deleted_by = NULL
 WHERE c.id = %(id)s AND c.client_code = %(client_code)s AND c.deleted_by = 'product'
+  AND NOT conversation_source_gone(c.crew_code, c.session_id)
 RETURNING c.id;
 
 -- name: reads_set_status

@@ -1,0 +1,1 @@
+DROP FUNCTION IF EXISTS conversation_source_gone(text, text);
