@@ -159,9 +159,11 @@ def messenger_sync(
     def sync_one(page_id: str) -> PageOutcome:
         page = pages.get(page_id)
         if page is None:
-            return _skipped(page_id, "not in messenger_pages")
+            return _skipped(page_id, f"page {page_id}: not in messenger_pages")
         if not page.enabled:
-            return _skipped(page_id, "disabled in messenger_pages", page.client_code)
+            return _skipped(
+                page_id, f"page {page_id}: disabled in messenger_pages", page.client_code
+            )
         token = tokens.get(page_id)
         if token is None:
             message = found.unusable.get(page_id) or (
@@ -232,12 +234,7 @@ def messenger_sync(
                     asset_key=key, partition=outcome.page_id, metadata=_flat(outcome)
                 )
         raise dg.Failure(
-            description="; ".join(
-                o.error
-                if (o.error or "").startswith(f"page {o.page_id}")
-                else f"page {o.page_id}: {o.error or o.status}"
-                for o in failed
-            ),
+            description="; ".join(o.error or f"page {o.page_id}: {o.status}" for o in failed),
             metadata={"pages": metadata["pages"]},
         )
     record_pipeline_run(
@@ -254,10 +251,9 @@ def messenger_sync(
 
 
 def _skipped(page_id: str, why: str, client_code: str = "", status: str = "skipped") -> PageOutcome:
-    outcome = PageOutcome(
+    return PageOutcome(
         page_id=page_id, client_code=client_code, mode="incremental", status=status, error=why
     )
-    return outcome
 
 
 class MessengerTranscriptsConfig(dg.Config):
