@@ -59,17 +59,18 @@ def parse_tokens(text: str, where: str) -> PageTokens:
         ) from None
     if not isinstance(value, dict):
         raise MessengerTokenError(f"{where} must be a JSON object of page id to token")
-    found = PageTokens()
+    tokens: dict[str, str] = {}
+    unusable: dict[str, str] = {}
     for key, token in value.items():
         page_id = key.strip()
         if isinstance(token, str) and _TOKEN_SHAPE.fullmatch(token.strip()):
-            found.tokens[page_id] = token.strip()
+            tokens[page_id] = token.strip()
         else:
-            shape = (
-                "text with spaces or control characters" if isinstance(token, str) else ("not text")
-            )
-            found.unusable[page_id] = f"page {page_id}: its token in {where} is {shape}"
-    return found
+            shape = "not text"
+            if isinstance(token, str):
+                shape = "text with spaces or control characters"
+            unusable[page_id] = f"page {page_id}: its token in {where} is {shape}"
+    return PageTokens(tokens, unusable)
 
 
 class MessengerResource(dg.ConfigurableResource):
